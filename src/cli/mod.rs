@@ -1,0 +1,1 @@
+//! CLI commands composing loader, model, engine (and server).

@@ -1,0 +1,82 @@
+//! DBRX's weight names (`transformer.blocks.{i}...`, fused `Wqkv`, fused expert tensors) mapped
+//! onto the shared decoder.
+
+use super::attention::{Attention, QkvProj};
+use super::layers::{Linear, Norm};
+use super::moe::{Expert, MoeBlock};
+use super::{DecoderLayer, Globals, ModelError};
+use crate::config::MoeConfig;
+use crate::loader::WeightSource;
+
+pub(super) fn load_globals(cfg: &MoeConfig, w: &WeightSource) -> Result<Globals, ModelError> {
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let embed = w.get("transformer.wte.weight", &[v, h])?;
+    let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+        embed.clone()
+    } else {
+        w.get("lm_head.weight", &[v, h])?
+    };
+    Ok(Globals {
+        embed,
+        final_norm: Norm::new(cfg.norm, w.get("transformer.norm_f.weight", &[h])?)?,
+        lm_head: Linear::new(lm_head),
+    })
+}
+
+pub(super) fn load_layer(
+    cfg: &MoeConfig,
+    w: &WeightSource,
+    i: usize,
+) -> Result<DecoderLayer, ModelError> {
+    let p = format!("transformer.blocks.{i}");
+    let (h, ffn, ne) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts);
+    let qkv_rows = cfg.q_dim() + 2 * cfg.kv_dim();
+    let attn = Attention::new(
+        QkvProj::Fused {
+            wqkv: Linear::new(w.get(
+                &format!("{p}.norm_attn_norm.attn.Wqkv.weight"),
+                &[qkv_rows, h],
+            )?),
+            clip: cfg.clip_qkv,
+        },
+        Linear::new(w.get(
+            &format!("{p}.norm_attn_norm.attn.out_proj.weight"),
+            &[h, cfg.q_dim()],
+        )?),
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    );
+    // w1 (gate), v1 (up), w2 (down) are fused `[experts * ffn, hidden]` tensors without a
+    // `.weight` suffix; each expert's rows are read on their own from the mapping.
+    let fused = [ne * ffn, h];
+    let mlp = format!("{p}.ffn.experts.mlp");
+    let mut experts = Vec::with_capacity(ne);
+    for e in 0..ne {
+        let rows = |name: &str| w.get_rows(&format!("{mlp}.{name}"), &fused, e * ffn, ffn);
+        experts.push(Expert {
+            gate: Linear::new(rows("w1")?),
+            up: Linear::new(rows("v1")?),
+            down: rows("w2")?,
+        });
+    }
+    let moe = MoeBlock::new(
+        Linear::new(w.get(&format!("{p}.ffn.router.layer.weight"), &[ne, h])?),
+        experts,
+        cfg.experts_per_token,
+        cfg.router_norm,
+        cfg.activation,
+    );
+    let norm = |name: &str| -> Result<Norm, ModelError> {
+        Ok(Norm::new(
+            cfg.norm,
+            w.get(&format!("{p}.norm_attn_norm.{name}.weight"), &[h])?,
+        )?)
+    };
+    Ok(DecoderLayer {
+        attn_norm: norm("norm_1")?,
+        attn,
+        ffn_norm: norm("norm_2")?,
+        moe,
+    })
+}

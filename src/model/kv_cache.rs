@@ -1,0 +1,65 @@
+//! The paged KV cache: per layer, one K and one V tensor of `num_blocks * block_size` slots.
+//!
+//! Which blocks belong to which sequence is the block manager's business (engine); the model
+//! only reads and writes the slots a batch's block tables point at.
+
+use crate::config::MoeConfig;
+use candle_core::{DType, Device, Result, Tensor};
+
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+pub struct KvCache {
+    /// Per layer `[num_blocks * block_size, kv_heads * head_dim]`.
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    block_size: usize,
+    num_blocks: usize,
+}
+
+impl KvCache {
+    pub fn new(
+        cfg: &MoeConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if block_size == 0 || num_blocks == 0 {
+            candle_core::bail!("the KV cache needs at least one block of at least one token");
+        }
+        let slots = num_blocks * block_size;
+        let mut k = Vec::with_capacity(cfg.num_layers);
+        let mut v = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k.push(Tensor::zeros((slots, cfg.kv_dim()), dtype, device)?);
+            v.push(Tensor::zeros((slots, cfg.kv_dim()), dtype, device)?);
+        }
+        Ok(Self {
+            k,
+            v,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    /// Bytes one block takes across all layers, K and V: what a memory budget is divided by.
+    pub fn bytes_per_block(cfg: &MoeConfig, block_size: usize, dtype: DType) -> usize {
+        2 * cfg.num_layers * block_size * cfg.kv_dim() * dtype.size_in_bytes()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    pub(crate) fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
+        (&self.k[i], &self.v[i])
+    }
+}

@@ -1,0 +1,127 @@
+//! The shared building blocks: norms, rotary embeddings, linear projections.
+
+use crate::config::Activation;
+use crate::config::NormKind;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// RMSNorm (Mixtral) or LayerNorm without bias (DBRX), over the last dimension.
+pub struct Norm {
+    weight: Tensor,
+    /// Zeros standing in for the absent LayerNorm bias (candle's fused kernel wants one).
+    zero_bias: Option<Tensor>,
+    eps: f32,
+}
+
+impl Norm {
+    pub fn new(kind: NormKind, weight: Tensor) -> Result<Self> {
+        Ok(match kind {
+            NormKind::Rms { eps } => Self {
+                weight,
+                zero_bias: None,
+                eps: eps as f32,
+            },
+            NormKind::LayerNormNoBias { eps } => Self {
+                zero_bias: Some(weight.zeros_like()?),
+                weight,
+                eps: eps as f32,
+            },
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match &self.zero_bias {
+            None => candle_nn::ops::rms_norm(xs, &self.weight, self.eps),
+            Some(bias) => candle_nn::ops::layer_norm(xs, &self.weight, bias, self.eps),
+        }
+    }
+}
+
+/// A bias-free projection `x @ W^T` with `W` stored `[out, in]` as in the checkpoints.
+pub struct Linear {
+    weight: Tensor,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+
+    /// `xs`: `[n, in]` → `[n, out]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.matmul(&self.weight.t()?)
+    }
+}
+
+/// NeoX-style (half-split) rotary embeddings with per-token positions, so sequences at
+/// different offsets can share one batch.
+pub struct RotaryEmbedding {
+    /// `[max_positions, head_dim / 2]` in the compute dtype.
+    cos: Tensor,
+    sin: Tensor,
+    max_positions: usize,
+}
+
+impl RotaryEmbedding {
+    /// Tables computed in f32 the way transformers computes them (inv_freq, then pos * inv_freq),
+    /// then cast to the compute dtype as transformers does before applying them.
+    pub fn new(
+        theta: f64,
+        head_dim: usize,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut freqs = Vec::with_capacity(max_positions * half);
+        for pos in 0..max_positions {
+            let p = pos as f32;
+            freqs.extend(inv_freq.iter().map(|f| p * f));
+        }
+        let freqs = Tensor::from_vec(freqs, (max_positions, half), device)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            max_positions,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// cos/sin rows for the given positions (`[n]` u32 tensor) → two `[n, head_dim / 2]`.
+    pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
+    }
+
+    /// `xs`: `[n, heads, head_dim]`, rotated per token by the gathered tables.
+    pub fn apply(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let xs = xs.unsqueeze(0)?.contiguous()?;
+        candle_nn::rotary_emb::rope_thd(&xs, cos, sin)?.squeeze(0)
+    }
+}
+
+/// SiLU gate times up, the SwiGLU of both families' experts.
+pub fn swiglu(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+    let g = match act {
+        Activation::Silu => candle_nn::ops::silu(gate)?,
+        Activation::Gelu => gate.gelu_erf()?,
+        Activation::GeluTanh => gate.gelu()?,
+    };
+    g * up
+}
+
+/// Row-wise softmax in f32, whatever the input dtype.
+pub fn softmax_f32(xs: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?)
+}

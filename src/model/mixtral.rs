@@ -1,0 +1,76 @@
+//! Mixtral's weight names (`model.layers.{i}...`) mapped onto the shared decoder.
+
+use super::attention::{Attention, QkvProj};
+use super::layers::{Linear, Norm};
+use super::moe::{Expert, MoeBlock};
+use super::{DecoderLayer, Globals, ModelError};
+use crate::config::MoeConfig;
+use crate::loader::WeightSource;
+
+pub(super) fn load_globals(cfg: &MoeConfig, w: &WeightSource) -> Result<Globals, ModelError> {
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let embed = w.get("model.embed_tokens.weight", &[v, h])?;
+    let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+        embed.clone()
+    } else {
+        w.get("lm_head.weight", &[v, h])?
+    };
+    Ok(Globals {
+        embed,
+        final_norm: Norm::new(cfg.norm, w.get("model.norm.weight", &[h])?)?,
+        lm_head: Linear::new(lm_head),
+    })
+}
+
+pub(super) fn load_layer(
+    cfg: &MoeConfig,
+    w: &WeightSource,
+    i: usize,
+) -> Result<DecoderLayer, ModelError> {
+    let p = format!("model.layers.{i}");
+    let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
+    let lin = |name: &str, shape: &[usize]| -> Result<Linear, ModelError> {
+        Ok(Linear::new(w.get(&format!("{p}.{name}.weight"), shape)?))
+    };
+    let qkv = QkvProj::Separate {
+        q: lin("self_attn.q_proj", &[cfg.q_dim(), h])?,
+        k: lin("self_attn.k_proj", &[cfg.kv_dim(), h])?,
+        v: lin("self_attn.v_proj", &[cfg.kv_dim(), h])?,
+    };
+    let attn = Attention::new(
+        qkv,
+        lin("self_attn.o_proj", &[h, cfg.q_dim()])?,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    );
+    let mut experts = Vec::with_capacity(cfg.num_experts);
+    for e in 0..cfg.num_experts {
+        let ep = format!("block_sparse_moe.experts.{e}");
+        let down = w.get(&format!("{p}.{ep}.w2.weight"), &[h, ffn])?;
+        experts.push(Expert {
+            gate: lin(&format!("{ep}.w1"), &[ffn, h])?,
+            up: lin(&format!("{ep}.w3"), &[ffn, h])?,
+            down: down.t()?,
+        });
+    }
+    let moe = MoeBlock::new(
+        lin("block_sparse_moe.gate", &[cfg.num_experts, h])?,
+        experts,
+        cfg.experts_per_token,
+        cfg.router_norm,
+        cfg.activation,
+    );
+    Ok(DecoderLayer {
+        attn_norm: Norm::new(
+            cfg.norm,
+            w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+        )?,
+        attn,
+        ffn_norm: Norm::new(
+            cfg.norm,
+            w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+        )?,
+        moe,
+    })
+}

@@ -1,0 +1,166 @@
+//! The sparse MoE decoder, shared by both families; `mixtral.rs` and `dbrx.rs` only map their
+//! weight names onto it.
+
+mod attention;
+mod batch;
+mod dbrx;
+mod kv_cache;
+mod layers;
+mod mixtral;
+pub mod moe;
+
+pub use batch::{Batch, SeqInput};
+pub use kv_cache::{KvCache, DEFAULT_BLOCK_SIZE};
+
+use crate::config::{Family, MoeConfig};
+use crate::loader::{WeightError, WeightSource};
+use attention::Attention;
+use batch::PreparedBatch;
+use candle_core::{DType, Device, Tensor};
+use layers::{Linear, Norm, RotaryEmbedding};
+use moe::MoeBlock;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Weight(#[from] WeightError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub(crate) struct DecoderLayer {
+    attn_norm: Norm,
+    attn: Attention,
+    ffn_norm: Norm,
+    moe: MoeBlock,
+}
+
+/// The global (non-layer) weights of a checkpoint.
+pub(crate) struct Globals {
+    embed: Tensor,
+    final_norm: Norm,
+    lm_head: Linear,
+}
+
+pub struct MoeModel {
+    cfg: MoeConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    final_norm: Norm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+}
+
+impl MoeModel {
+    /// Builds the model from a checkpoint's weights; every tensor's shape is checked against
+    /// the config, so a config that disagrees with the weights fails here, naming the tensor.
+    pub fn load(cfg: &MoeConfig, weights: &WeightSource) -> Result<Self, ModelError> {
+        let globals = match cfg.family {
+            Family::Mixtral => mixtral::load_globals(cfg, weights)?,
+            Family::Dbrx => dbrx::load_globals(cfg, weights)?,
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            layers.push(match cfg.family {
+                Family::Mixtral => mixtral::load_layer(cfg, weights, i)?,
+                Family::Dbrx => dbrx::load_layer(cfg, weights, i)?,
+            });
+        }
+        weights.finish();
+        let rope = RotaryEmbedding::new(
+            cfg.rope_theta,
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            weights.dtype(),
+            weights.device(),
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed: globals.embed,
+            layers,
+            final_norm: globals.final_norm,
+            lm_head: globals.lm_head,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Longest context (prompt plus generated tokens) the model accepts.
+    pub fn max_context(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// A paged KV cache for this model in its compute dtype.
+    pub fn new_kv_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<KvCache, ModelError> {
+        Ok(KvCache::new(
+            &self.cfg,
+            num_blocks,
+            block_size,
+            self.dtype(),
+            self.device(),
+        )?)
+    }
+
+    /// Bytes one KV block of `block_size` tokens costs for this model.
+    pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        KvCache::bytes_per_block(&self.cfg, block_size, self.dtype())
+    }
+
+    /// Per layer, per expert: tokens routed to it since the model was loaded.
+    pub fn expert_token_counts(&self) -> Vec<Vec<u64>> {
+        self.layers
+            .iter()
+            .map(|l| l.moe.expert_token_counts())
+            .collect()
+    }
+
+    /// Runs one step over a flattened multi-sequence batch, writing its keys and values into
+    /// `cache`, and returns f32 logits `[batch.logits_rows.len(), vocab]`.
+    pub fn forward(&self, batch: &Batch, cache: &KvCache) -> Result<Tensor, ModelError> {
+        let prepared = PreparedBatch::new(
+            batch,
+            cache,
+            &self.rope,
+            self.cfg.vocab_size,
+            self.cfg.kv_dim(),
+            self.device(),
+        )?;
+        let mut xs = self.embed.index_select(&prepared.input_ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.attn_norm.forward(&xs)?;
+            let h = layer.attn.forward(&h, i, &prepared, &self.rope, cache)?;
+            xs = (xs + h)?;
+            let h = layer.moe.forward(&layer.ffn_norm.forward(&xs)?)?;
+            xs = (xs + h)?;
+        }
+        if prepared.num_logits_rows == 0 {
+            return Ok(Tensor::zeros(
+                (0, self.cfg.vocab_size),
+                DType::F32,
+                self.device(),
+            )?);
+        }
+        // Norm and LM head only on the rows that will be sampled: they are per-row operations.
+        let rows = xs.index_select(&prepared.logits_rows, 0)?;
+        let logits = self
+            .lm_head
+            .forward(&self.final_norm.forward(&rows)?)?
+            .to_dtype(DType::F32)?;
+        Ok(logits)
+    }
+}
