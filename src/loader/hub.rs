@@ -383,6 +383,10 @@ fn resolve_with(spec: &RepoSpec, env: &HubEnv) -> Result<ModelFiles, LoadError> 
         sha.clone(),
     ));
     let snap = cache.snapshot(&sha);
+    // Downloads pinned to the commit make `hf-hub` write `refs/<sha>`, a ref Python never
+    // writes; drop it afterwards unless it was there before.
+    let sha_ref = cache.dir.join("refs").join(&sha);
+    let sha_ref_existed = sha_ref.exists();
     // Files the repo lacks, or optional ones that failed to download.
     let mut skip: HashSet<String> = HashSet::new();
     // Each pass fetches what the previous one revealed (the index, then its shards);
@@ -424,6 +428,9 @@ fn resolve_with(spec: &RepoSpec, env: &HubEnv) -> Result<ModelFiles, LoadError> 
     if spec.revision != sha {
         if let Err(e) = cache.set_ref(&spec.revision, &sha) {
             tracing::warn!("{}: cannot record revision {}: {e}", spec.id, spec.revision);
+        }
+        if !sha_ref_existed {
+            let _ = std::fs::remove_file(&sha_ref);
         }
     }
     finish(spec, &snap)

@@ -13,7 +13,9 @@ pub struct Norm {
 }
 
 impl Norm {
+    /// The weight is kept in f32: norms run on the f32 residual stream.
     pub fn new(kind: NormKind, weight: Tensor) -> Result<Self> {
+        let weight = weight.to_dtype(DType::F32)?;
         Ok(match kind {
             NormKind::Rms { eps } => Self {
                 weight,
@@ -44,6 +46,10 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Self { weight }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
     }
 
     pub fn out_dim(&self) -> usize {

@@ -18,7 +18,7 @@ pub(super) fn load_globals(cfg: &MoeConfig, w: &WeightSource) -> Result<Globals,
     Ok(Globals {
         embed,
         final_norm: Norm::new(cfg.norm, w.get("model.norm.weight", &[h])?)?,
-        lm_head: Linear::new(lm_head),
+        lm_head: Linear::new(super::lm_head_f32(lm_head)?),
     })
 }
 

@@ -3,7 +3,7 @@
 
 use super::layers::{softmax_f32, swiglu, Linear};
 use crate::config::{Activation, RouterNorm};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One expert's SwiGLU FFN: `(act(x Wg^T) * (x Wu^T)) @ down`.
@@ -15,9 +15,12 @@ pub struct Expert {
 }
 
 impl Expert {
+    /// Returns f32: the gate product and the weighted sum stay in f32 (fewer bf16 roundings).
     fn forward(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
-        let h = swiglu(&self.gate.forward(xs)?, &self.up.forward(xs)?, act)?;
-        h.matmul(&self.down)
+        let gate = self.gate.forward(xs)?.to_dtype(DType::F32)?;
+        let up = self.up.forward(xs)?.to_dtype(DType::F32)?;
+        let h = swiglu(&gate, &up, act)?.to_dtype(xs.dtype())?;
+        h.matmul(&self.down)?.to_dtype(DType::F32)
     }
 }
 
@@ -96,7 +99,7 @@ impl MoeBlock {
             .collect()
     }
 
-    /// `xs`: `[n, hidden]` → `[n, hidden]`.
+    /// `xs`: `[n, hidden]` → `[n, hidden]` in f32 (added to the f32 residual stream).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (n, hidden) = xs.dims2()?;
         let num_experts = self.experts.len();
@@ -114,7 +117,6 @@ impl MoeBlock {
             }
         }
         let device = xs.device();
-        let dtype = xs.dtype();
         let mut all_rows = Vec::with_capacity(n * self.top_k);
         let mut all_out = Vec::with_capacity(num_experts);
         for (e, expert) in self.experts.iter().enumerate() {
@@ -124,7 +126,7 @@ impl MoeBlock {
             }
             self.expert_tokens[e].fetch_add(count as u64, Ordering::Relaxed);
             let idx = Tensor::from_slice(&rows[e], count, device)?;
-            let w = Tensor::from_slice(&row_weights[e], (count, 1), device)?.to_dtype(dtype)?;
+            let w = Tensor::from_slice(&row_weights[e], (count, 1), device)?;
             let x_e = xs.index_select(&idx, 0)?;
             let y = expert.forward(&x_e, self.act)?.broadcast_mul(&w)?;
             all_rows.extend_from_slice(&rows[e]);
@@ -132,7 +134,7 @@ impl MoeBlock {
         }
         let idx = Tensor::from_vec(all_rows, n * self.top_k, device)?;
         let ys = Tensor::cat(&all_out, 0)?;
-        Tensor::zeros((n, hidden), dtype, device)?.index_add(&idx, &ys, 0)
+        Tensor::zeros((n, hidden), DType::F32, device)?.index_add(&idx, &ys, 0)
     }
 }
 
