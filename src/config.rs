@@ -25,6 +25,8 @@ pub enum ConfigError {
     Unsupported { path: String, found: Vec<String> },
     #[error("invalid config {path}: {msg}")]
     Invalid { path: String, msg: String },
+    #[error("{0}")]
+    Override(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,13 +143,10 @@ impl MoeConfig {
     /// Replaces experts-per-token (the `--experts-per-token` override), validated.
     pub fn with_experts_per_token(mut self, k: usize) -> Result<Self, ConfigError> {
         if k == 0 || k > self.num_experts {
-            return Err(ConfigError::Invalid {
-                path: "--experts-per-token".into(),
-                msg: format!(
-                    "experts per token must be between 1 and the model's {} experts, got {k}",
-                    self.num_experts
-                ),
-            });
+            return Err(ConfigError::Override(format!(
+                "--experts-per-token must be between 1 and the model's {} experts, got {k}",
+                self.num_experts
+            )));
         }
         self.experts_per_token = k;
         Ok(self)

@@ -1,1 +1,41 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+use mixserve::cli;
+use tracing_subscriber::EnvFilter;
+
+/// An inference server for sparse Mixture-of-Experts models (Mixtral, DBRX).
+#[derive(Parser)]
+#[command(name = "mixserve", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate from a prompt, or chat interactively on a terminal.
+    Run(cli::run::RunArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Cli::parse();
+    // Logs go to stderr; `run` keeps quiet unless RUST_LOG asks, so stdout is just the answer.
+    let default_level = match args.command {
+        Command::Run(_) => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match args.command {
+        Command::Run(a) => cli::run::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

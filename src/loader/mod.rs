@@ -48,7 +48,12 @@ pub fn resolve(model: &str) -> Result<ModelFiles, LoadError> {
         return from_dir(path);
     }
     if hub::looks_like_repo_id(model) {
-        return hub::resolve_repo(model);
+        return hub::resolve_repo(model).map_err(|e| match e {
+            LoadError::Hub(msg) => LoadError::Hub(format!(
+                "{model:?} is not a local directory; as a hub repo id: {msg}"
+            )),
+            other => other,
+        });
     }
     Err(LoadError::NotFound(model.to_string()))
 }
