@@ -49,6 +49,7 @@ pub(super) fn load_layer(
     );
     // w1 (gate), v1 (up), w2 (down) are fused `[experts * ffn, hidden]` tensors without a
     // `.weight` suffix; each expert's rows are read on their own from the mapping.
+    let router = Linear::new(w.get(&format!("{p}.ffn.router.layer.weight"), &[ne, h])?);
     let fused = [ne * ffn, h];
     let mlp = format!("{p}.ffn.experts.mlp");
     let mut experts = Vec::with_capacity(ne);
@@ -61,7 +62,7 @@ pub(super) fn load_layer(
         });
     }
     let moe = MoeBlock::new(
-        Linear::new(w.get(&format!("{p}.ffn.router.layer.weight"), &[ne, h])?),
+        router,
         experts,
         cfg.experts_per_token,
         cfg.router_norm,

@@ -44,6 +44,8 @@ pub(super) fn load_layer(
         cfg.num_kv_heads,
         cfg.head_dim,
     );
+    // The router first: its shape is the clearest sign of a config/weights mismatch.
+    let router = lin("block_sparse_moe.gate", &[cfg.num_experts, h])?;
     let mut experts = Vec::with_capacity(cfg.num_experts);
     for e in 0..cfg.num_experts {
         let ep = format!("block_sparse_moe.experts.{e}");
@@ -55,7 +57,7 @@ pub(super) fn load_layer(
         });
     }
     let moe = MoeBlock::new(
-        lin("block_sparse_moe.gate", &[cfg.num_experts, h])?,
+        router,
         experts,
         cfg.experts_per_token,
         cfg.router_norm,
