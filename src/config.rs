@@ -183,13 +183,13 @@ impl MoeConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} kv heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim
@@ -283,11 +283,11 @@ fn activation(name: Option<&str>, origin: &str) -> Result<Activation, ConfigErro
 
 impl MixtralJson {
     fn into_config(self, origin: &str) -> Result<MoeConfig, ConfigError> {
-        let head_dim = match self.head_dim {
-            Some(d) => d,
-            None if self.num_attention_heads > 0 => self.hidden_size / self.num_attention_heads,
-            None => 0,
-        };
+        let head_dim = self.head_dim.unwrap_or_else(|| {
+            self.hidden_size
+                .checked_div(self.num_attention_heads)
+                .unwrap_or(0)
+        });
         let rope_theta = self
             .rope_parameters
             .and_then(|r| r.rope_theta)
@@ -367,11 +367,7 @@ fn default_pnorm() -> Option<f64> {
 
 impl DbrxJson {
     fn into_config(self, origin: &str) -> Result<MoeConfig, ConfigError> {
-        let head_dim = if self.n_heads > 0 {
-            self.d_model / self.n_heads
-        } else {
-            0
-        };
+        let head_dim = self.d_model.checked_div(self.n_heads).unwrap_or(0);
         // The checkpoint's own attn_config.rope_theta is the truth (see the fixtures' README).
         let rope_theta = self
             .attn_config

@@ -24,11 +24,17 @@ fn stderr(o: &Output) -> String {
 }
 
 fn reference_text(name: &str, i: usize) -> (String, String) {
-    let path = root().join("tests/fixtures").join(name).join("reference.json");
+    let path = root()
+        .join("tests/fixtures")
+        .join(name)
+        .join("reference.json");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let p = &json["prompts"][i];
-    (p["text"].as_str().unwrap().into(), p["greedy_text"].as_str().unwrap().into())
+    (
+        p["text"].as_str().unwrap().into(),
+        p["greedy_text"].as_str().unwrap().into(),
+    )
 }
 
 #[test]
@@ -37,13 +43,25 @@ fn greedy_prompt_streams_the_reference_continuation() {
         let (prompt, expected) = reference_text(name, 0);
         let model = format!("models/{name}");
         let out = mixserve(&[
-            "run", "--model", &model, "--prompt", &prompt, "--temperature", "0", "--max-tokens", "24",
+            "run",
+            "--model",
+            &model,
+            "--prompt",
+            &prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         // The reference decodes the new ids alone; streamed in the prompt's context, a first
         // token like "▁collections" keeps its space, as OpenAI-style servers return it.
         let text = stdout(&out);
-        assert_eq!(text.trim_end_matches('\n').trim_start(), expected.trim_start(), "{name}");
+        assert_eq!(
+            text.trim_end_matches('\n').trim_start(),
+            expected.trim_start(),
+            "{name}"
+        );
         assert!(stderr(&out).contains("tok/s"), "{}", stderr(&out));
     }
 }
@@ -59,7 +77,12 @@ fn default_model_and_prompt_from_stdin() {
         .spawn()
         .unwrap();
     let (prompt, expected) = reference_text("tiny-mixtral", 1);
-    child.stdin.take().unwrap().write_all(prompt.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(prompt.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim_end_matches('\n'), expected);
@@ -68,21 +91,50 @@ fn default_model_and_prompt_from_stdin() {
 #[test]
 fn chat_mode_and_template_errors() {
     let out = mixserve(&[
-        "run", "-m", "models/tiny-dbrx", "--chat", "-p", "Hello! Who are you?", "--max-tokens", "5",
-        "--seed", "7",
+        "run",
+        "-m",
+        "models/tiny-dbrx",
+        "--chat",
+        "-p",
+        "Hello! Who are you?",
+        "--max-tokens",
+        "5",
+        "--seed",
+        "7",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("33 prompt tokens"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("33 prompt tokens"),
+        "{}",
+        stderr(&out)
+    );
     // Mixtral's template raises on a system message; its message reaches the user.
     let out = mixserve(&["run", "--chat", "--system", "be brief", "-p", "hi"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("Conversation roles must alternate"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Conversation roles must alternate"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let args = ["run", "-p", "Mixture of experts", "--temperature", "0.9", "--top-k", "40",
-        "--top-p", "0.95", "--seed", "1234", "--max-tokens", "16"];
+    let args = [
+        "run",
+        "-p",
+        "Mixture of experts",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "1234",
+        "--max-tokens",
+        "16",
+    ];
     let a = mixserve(&args);
     let b = mixserve(&args);
     assert!(a.status.success(), "{}", stderr(&a));
@@ -93,24 +145,50 @@ fn seeded_sampling_is_reproducible() {
 fn experts_per_token_override() {
     let (prompt, default_text) = reference_text("tiny-mixtral", 0);
     for k in ["1", "3"] {
-        let out = mixserve(&["run", "-p", &prompt, "--temperature", "0", "--max-tokens", "24",
-            "--experts-per-token", k]);
+        let out = mixserve(&[
+            "run",
+            "-p",
+            &prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--experts-per-token",
+            k,
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
-        assert_ne!(stdout(&out).trim_end_matches('\n'), default_text, "k={k} routes differently");
+        assert_ne!(
+            stdout(&out).trim_end_matches('\n'),
+            default_text,
+            "k={k} routes differently"
+        );
     }
     for k in ["0", "9"] {
         let out = mixserve(&["run", "-p", "hi", "--experts-per-token", k]);
         assert!(!out.status.success());
-        assert!(stderr(&out).contains("between 1 and the model's 8 experts"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("between 1 and the model's 8 experts"),
+            "{}",
+            stderr(&out)
+        );
     }
 }
 
 #[test]
 fn bad_input_is_a_clear_error() {
     let cases: [(&[&str], &str); 5] = [
-        (&["run", "-m", "/nonexistent/model", "-p", "hi"], "/nonexistent/model"),
-        (&["run", "-p", "hi", "--max-tokens", "5000"], "exceeds the context of 4096"),
-        (&["run", "-p", "hi", "--kv-cache-memory", "lots"], "not a size"),
+        (
+            &["run", "-m", "/nonexistent/model", "-p", "hi"],
+            "/nonexistent/model",
+        ),
+        (
+            &["run", "-p", "hi", "--max-tokens", "5000"],
+            "exceeds the context of 4096",
+        ),
+        (
+            &["run", "-p", "hi", "--kv-cache-memory", "lots"],
+            "not a size",
+        ),
         (&["run", "-p", "hi", "--device", "tpu"], "unknown device"),
         (&["run", "-p", "hi", "--top-p", "0"], "--top-p"),
     ];

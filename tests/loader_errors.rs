@@ -13,15 +13,23 @@ use std::path::Path;
 /// A copy of tiny-mixtral's small files in a temp dir (weights are written by each test).
 fn scratch_model() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(model_dir("tiny-mixtral").join(f), dir.path().join(f)).unwrap();
     }
     dir
 }
 
 fn tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(model_dir("tiny-mixtral").join("model.safetensors"), &Device::Cpu)
-        .unwrap()
+    candle_core::safetensors::load(
+        model_dir("tiny-mixtral").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Loads the model in `dir` the way the CLI does; returns the error text.
@@ -47,8 +55,10 @@ fn write_shards(dir: &Path, all: &HashMap<String, Tensor>) {
     let shard_name = |i| format!("model-0000{i}-of-00002.safetensors");
     let mut weight_map = serde_json::Map::new();
     for (i, part) in [&names[..half], &names[half..]].iter().enumerate() {
-        let shard: HashMap<String, Tensor> =
-            part.iter().map(|n| ((*n).clone(), all[*n].clone())).collect();
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
         candle_core::safetensors::save(&shard, dir.join(shard_name(i + 1))).unwrap();
         for n in part.iter() {
             weight_map.insert((*n).clone(), shard_name(i + 1).into());
@@ -91,9 +101,16 @@ fn missing_shard_is_named() {
 fn truncated_file_is_named() {
     let dir = scratch_model();
     let bytes = std::fs::read(model_dir("tiny-mixtral").join("model.safetensors")).unwrap();
-    std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
     // A header that is not even there.
     std::fs::write(dir.path().join("model.safetensors"), b"\x05\x00").unwrap();
     let err = load_error(dir.path());
@@ -105,10 +122,16 @@ fn wrong_shape_and_missing_tensor_are_named() {
     let dir = scratch_model();
     let mut all = tensors();
     let name = "model.layers.1.self_attn.k_proj.weight";
-    all.insert(name.into(), Tensor::zeros((16, 64), DType::BF16, &Device::Cpu).unwrap());
+    all.insert(
+        name.into(),
+        Tensor::zeros((16, 64), DType::BF16, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&all, dir.path().join("model.safetensors")).unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains(name) && err.contains("[16, 64]") && err.contains("[32, 64]"), "{err}");
+    assert!(
+        err.contains(name) && err.contains("[16, 64]") && err.contains("[32, 64]"),
+        "{err}"
+    );
 
     let mut all = tensors();
     let name = "model.layers.0.block_sparse_moe.experts.3.w2.weight";
@@ -132,7 +155,10 @@ fn config_that_disagrees_with_weights_is_an_error() {
     cfg["num_local_experts"] = 9.into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains("gate.weight") && err.contains("[9, 64]"), "{err}");
+    assert!(
+        err.contains("gate.weight") && err.contains("[9, 64]"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -16,7 +16,13 @@ fn f32_logits_and_greedy_match_reference() {
             let total = p.input_ids.len() + p.greedy.len();
             let mut blocks = Blocks::new(&model, 64);
             let table = blocks.table(total);
-            let logits = prefill(&model, &blocks.cache, &p.input_ids, &table, &p.logit_positions);
+            let logits = prefill(
+                &model,
+                &blocks.cache,
+                &p.input_ids,
+                &table,
+                &p.logit_positions,
+            );
             let diff = max_abs_diff(&logits, &p.logits);
             assert!(diff < 1e-3, "{name} prompt {i}: max logit error {diff}");
 
@@ -31,7 +37,10 @@ fn f32_logits_and_greedy_match_reference() {
                 next = argmax(&l.get(0).unwrap());
                 generated.push(next);
             }
-            assert_eq!(generated, p.greedy, "{name} prompt {i}: greedy continuation");
+            assert_eq!(
+                generated, p.greedy,
+                "{name} prompt {i}: greedy continuation"
+            );
         }
     }
 }
@@ -76,7 +85,13 @@ fn batched_forward_matches_each_sequence_alone() {
         for p in &refs {
             let n = p.input_ids.len();
             let table = blocks.table(n);
-            alone.push(prefill(&model, &blocks.cache, &p.input_ids, &table, &p.logit_positions));
+            alone.push(prefill(
+                &model,
+                &blocks.cache,
+                &p.input_ids,
+                &table,
+                &p.logit_positions,
+            ));
             let rows = batch.push_seq(&p.input_ids, n, blocks.table(n));
             batch
                 .logits_rows
@@ -87,7 +102,10 @@ fn batched_forward_matches_each_sequence_alone() {
         for (i, a) in alone.iter().enumerate() {
             let r = a.dim(0).unwrap();
             let diff = max_abs_diff(a, &together.narrow(0, offset, r).unwrap());
-            assert!(diff <= 1e-4, "{name} prompt {i}: batched logits differ by {diff}");
+            assert!(
+                diff <= 1e-4,
+                "{name} prompt {i}: batched logits differ by {diff}"
+            );
             offset += r;
         }
     }
@@ -102,10 +120,17 @@ fn bf16_top1_agrees_with_reference() {
         for p in reference(name) {
             let mut blocks = Blocks::new(&model, 40);
             let table = blocks.table(p.input_ids.len());
-            let logits = prefill(&model, &blocks.cache, &p.input_ids, &table, &p.logit_positions);
+            let logits = prefill(
+                &model,
+                &blocks.cache,
+                &p.input_ids,
+                &table,
+                &p.logit_positions,
+            );
             for r in 0..logits.dim(0).unwrap() {
                 total += 1;
-                agree += (argmax(&logits.get(r).unwrap()) == argmax(&p.logits.get(r).unwrap())) as usize;
+                agree +=
+                    (argmax(&logits.get(r).unwrap()) == argmax(&p.logits.get(r).unwrap())) as usize;
             }
         }
         let frac = agree as f64 / total as f64;

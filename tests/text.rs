@@ -3,9 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mixserve::text::{
-    ChatMessage, ChatTemplate, IncrementalDetokenizer, TemplateError, Tokenizer,
-};
+use mixserve::text::{ChatMessage, ChatTemplate, IncrementalDetokenizer, TemplateError, Tokenizer};
 use serde::Deserialize;
 
 const FIXTURES: [&str; 2] = ["tiny-mixtral", "tiny-dbrx"];
@@ -45,7 +43,10 @@ struct ChatCase {
 }
 
 fn reference(model: &str) -> Reference {
-    let path = root().join("tests/fixtures").join(model).join("reference.json");
+    let path = root()
+        .join("tests/fixtures")
+        .join(model)
+        .join("reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -107,7 +108,11 @@ fn chat_cases_render_and_encode_like_transformers() {
         for case in &reference.chat {
             let text = template.render(&case.messages, true).unwrap();
             assert_eq!(text, case.prompt_text, "{model}");
-            assert_eq!(tok.encode(&text, false).unwrap(), case.prompt_ids, "{model}");
+            assert_eq!(
+                tok.encode(&text, false).unwrap(),
+                case.prompt_ids,
+                "{model}"
+            );
         }
     }
 }
@@ -187,7 +192,11 @@ fn greedy_tokens_stream_to_the_full_decode() {
             // space of the first token; otherwise it is the same text.
             let text = generated_text(&tok, &prompt_ids, &greedy, true);
             let standalone = text.strip_prefix(' ').unwrap_or(&text);
-            assert_eq!(standalone, prompt.greedy_text, "{model} prompt {}", prompt.index);
+            assert_eq!(
+                standalone, prompt.greedy_text,
+                "{model} prompt {}",
+                prompt.index
+            );
             assert_eq!(tok.decode(&greedy, true).unwrap(), prompt.greedy_text);
         }
     }
@@ -212,7 +221,10 @@ fn cjk_and_emoji_stream_exactly() {
     for model in FIXTURES {
         let tok = load_tokenizer(model);
         let ids = tok.encode(text, false).unwrap();
-        assert!(ids.iter().any(|&id| tok.is_byte_fallback(id)), "emoji use byte fallback");
+        assert!(
+            ids.iter().any(|&id| tok.is_byte_fallback(id)),
+            "emoji use byte fallback"
+        );
         let prompt = tok.encode("Write:", true).unwrap();
         let deltas = check_stream(&tok, &prompt, &ids, true);
         assert_eq!(deltas.concat(), format!(" {text}"));
@@ -250,7 +262,9 @@ fn random_token_streams_match_the_full_decode() {
     let utf8_leads = [0xC3u8, 0xE6, 0xF0];
     for case in 0..400 {
         let prompt_len = rng.below(8);
-        let mut prompt: Vec<u32> = (0..prompt_len).map(|_| 259 + rng.below(vocab - 259)).collect();
+        let mut prompt: Vec<u32> = (0..prompt_len)
+            .map(|_| 259 + rng.below(vocab - 259))
+            .collect();
         if case % 5 == 0 {
             prompt.insert(0, 1);
         }
@@ -265,10 +279,18 @@ fn random_token_streams_match_the_full_decode() {
                         0xE6 => 3,
                         _ => 4,
                     };
-                    let len = if rng.below(4) == 0 { u64::from(rng.below(len)) + 1 } else { len };
+                    let len = if rng.below(4) == 0 {
+                        u64::from(rng.below(len)) + 1
+                    } else {
+                        len
+                    };
                     gen.push(3 + u32::from(lead));
                     for _ in 1..len {
-                        let cont = if lead == 0xF0 { 0x9F } else { 0x80 + rng.below(0x40) };
+                        let cont = if lead == 0xF0 {
+                            0x9F
+                        } else {
+                            0x80 + rng.below(0x40)
+                        };
                         gen.push(3 + cont);
                     }
                 }
@@ -333,29 +355,51 @@ fn config_variants() {
                 "chat_template": [{"name": "tool_use", "template": "T"},
                                   {"name": "default", "template": "{{ bos_token }}D{{ eos_token }}"}]}"#,
         ),
-        ("generation_config.json", r#"{"eos_token_id": [32001, 2, 32001]}"#),
+        (
+            "generation_config.json",
+            r#"{"eos_token_id": [32001, 2, 32001]}"#,
+        ),
     ]);
     let tok = load_dir(dir.path());
     assert_eq!(tok.eos_token_ids(), &[32001, 2]);
     assert_eq!(tok.bos_token_id(), Some(1));
-    assert_eq!(tok.encode("Hi", true).unwrap(), tok.encode("Hi", false).unwrap());
-    assert_eq!(tok.chat_template().unwrap().render(&[], false).unwrap(), "<s>D</s>");
+    assert_eq!(
+        tok.encode("Hi", true).unwrap(),
+        tok.encode("Hi", false).unwrap()
+    );
+    assert_eq!(
+        tok.chat_template().unwrap().render(&[], false).unwrap(),
+        "<s>D</s>"
+    );
 
     // No configs at all: the tokenizer still works, without special-token knowledge.
     let dir = model_dir(&[]);
     let tok = load_dir(dir.path());
     assert_eq!(tok.eos_token_ids(), &[] as &[u32]);
     assert!(tok.chat_template().is_none());
-    assert_eq!(tok.encode("Hi", true).unwrap()[0], 1, "post-processor adds BOS");
+    assert_eq!(
+        tok.encode("Hi", true).unwrap()[0],
+        1,
+        "post-processor adds BOS"
+    );
 
     // generation_config alone names the tokens; a chat_template.jinja beside the config.
     let dir = model_dir(&[
-        ("generation_config.json", r#"{"bos_token_id": 1, "eos_token_id": 2}"#),
+        (
+            "generation_config.json",
+            r#"{"bos_token_id": 1, "eos_token_id": 2}"#,
+        ),
         ("tokenizer_config.json", r#"{"add_eos_token": true}"#),
-        ("chat_template.jinja", "{{ bos_token }}[{{ messages[0].content }}]\n"),
+        (
+            "chat_template.jinja",
+            "{{ bos_token }}[{{ messages[0].content }}]\n",
+        ),
     ]);
     let tok = load_dir(dir.path());
-    assert_eq!((tok.bos_token(), tok.eos_token()), (Some("<s>"), Some("</s>")));
+    assert_eq!(
+        (tok.bos_token(), tok.eos_token()),
+        (Some("<s>"), Some("</s>"))
+    );
     assert_eq!(tok.eos_token_ids(), &[2]);
     let ids = tok.encode("Hi", true).unwrap();
     assert_eq!((ids[0], ids[ids.len() - 1]), (1, 2));
@@ -364,7 +408,10 @@ fn config_variants() {
         .unwrap()
         .render(&[ChatMessage::new("user", "x")], true)
         .unwrap();
-    assert_eq!(rendered, "<s>[x]", "single trailing newline dropped as in Jinja2");
+    assert_eq!(
+        rendered, "<s>[x]",
+        "single trailing newline dropped as in Jinja2"
+    );
 
     // A template that does not compile is dropped with a warning, not a load failure.
     let dir = model_dir(&[("tokenizer_config.json", r#"{"chat_template": "{% if %}"}"#)]);
@@ -374,7 +421,10 @@ fn config_variants() {
 #[test]
 fn chat_template_from_file() {
     let dir = model_dir(&[
-        ("t.jinja", "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}{% endfor %}"),
+        (
+            "t.jinja",
+            "{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}{% endfor %}",
+        ),
         ("t.json", r#"{"chat_template": "{{ eos_token }}"}"#),
         ("bad.json", r#"{"other": 1}"#),
     ]);
@@ -394,5 +444,8 @@ fn chat_template_from_file() {
     let tok = load_tokenizer("tiny-mixtral").with_chat_template(Some(
         ChatTemplate::from_file(&dir.path().join("t.jinja"), None, None).unwrap(),
     ));
-    assert_eq!(tok.chat_template().unwrap().render(&msgs, false).unwrap(), "<user>hi");
+    assert_eq!(
+        tok.chat_template().unwrap().render(&msgs, false).unwrap(),
+        "<user>hi"
+    );
 }

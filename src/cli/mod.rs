@@ -16,7 +16,12 @@ pub struct ModelArgs {
     /// A local model directory or a hub repo id (owner/name[@revision]). Hub files go through
     /// the standard Hugging Face cache (HF_HOME, HF_HUB_CACHE, HF_TOKEN; HF_HUB_OFFLINE=1 uses
     /// the cache only).
-    #[arg(long, short = 'm', default_value = "models/tiny-mixtral", env = "MIXSERVE_MODEL")]
+    #[arg(
+        long,
+        short = 'm',
+        default_value = "models/tiny-mixtral",
+        env = "MIXSERVE_MODEL"
+    )]
     pub model: String,
 
     /// Compute dtype: auto is the checkpoint's dtype on a GPU and f32 on CPU.
@@ -62,8 +67,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
     };
     Ok(match kind {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(ordinal)
-            .with_context(|| format!("cannot open {s} (is this build made with --features cuda?)"))?,
+        "cuda" => Device::new_cuda(ordinal).with_context(|| {
+            format!("cannot open {s} (is this build made with --features cuda?)")
+        })?,
         "metal" => Device::new_metal(ordinal).with_context(|| {
             format!("cannot open {s} (is this build made with --features metal?)")
         })?,

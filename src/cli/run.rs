@@ -145,7 +145,11 @@ fn stream_answer(
             Ok(delta) => {
                 text.push_str(&delta);
                 // A closed stdout (`| head`) ends the answer rather than the program with a panic.
-                if out.write_all(delta.as_bytes()).and_then(|_| out.flush()).is_err() {
+                if out
+                    .write_all(delta.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())

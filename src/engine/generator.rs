@@ -27,7 +27,13 @@ pub enum GenerateError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("model output: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for GenerateError {
+    fn from(e: candle_core::Error) -> Self {
+        GenerateError::Tensor(Box::new(e))
+    }
 }
 
 /// Why a generation ended, in OpenAI's words.

@@ -40,7 +40,7 @@ pub enum WeightError {
     Candle {
         name: String,
         path: String,
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 
@@ -232,7 +232,7 @@ impl WeightSource {
         let candle_err = |source| WeightError::Candle {
             name: name.to_string(),
             path: path.clone(),
-            source,
+            source: Box::new(source),
         };
         let t = Tensor::from_raw_buffer(bytes, info.dtype, &out_shape, &Device::Cpu)
             .and_then(|t| t.to_dtype(dtype))

@@ -25,7 +25,13 @@ pub enum ModelError {
     #[error(transparent)]
     Weight(#[from] WeightError),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Candle(Box::new(e))
+    }
 }
 
 pub(crate) struct DecoderLayer {
@@ -173,7 +179,12 @@ impl MoeModel {
         let rows = xs.index_select(&prepared.logits_rows, 0)?;
         let logits = self
             .lm_head
-            .forward(&self.final_norm.forward(&rows)?.to_dtype(self.lm_head.dtype())?)?
+            .forward(
+                &self
+                    .final_norm
+                    .forward(&rows)?
+                    .to_dtype(self.lm_head.dtype())?,
+            )?
             .to_dtype(DType::F32)?;
         Ok(logits)
     }

@@ -377,7 +377,9 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, Error> {
         None => None,
         Some(v) if v.is_none() => None,
         Some(v) => match v.kind() {
-            ValueKind::Number => Some(" ".repeat(usize::try_from(v.as_i64().unwrap_or(0)).unwrap_or(0))),
+            ValueKind::Number => {
+                Some(" ".repeat(usize::try_from(v.as_i64().unwrap_or(0)).unwrap_or(0)))
+            }
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
             _ => {
                 return Err(Error::new(
@@ -429,7 +431,12 @@ struct JsonOptions {
     ensure_ascii: bool,
 }
 
-fn write_json(out: &mut String, value: &Value, opts: &JsonOptions, depth: usize) -> Result<(), Error> {
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    opts: &JsonOptions,
+    depth: usize,
+) -> Result<(), Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -572,7 +579,10 @@ mod tests {
     #[test]
     fn other_errors_are_render_errors() {
         let err = render("{{ messages | no_such_filter }}", &[]).unwrap_err();
-        assert!(matches!(err, TemplateError::Syntax(_) | TemplateError::Render(_)), "{err:?}");
+        assert!(
+            matches!(err, TemplateError::Syntax(_) | TemplateError::Render(_)),
+            "{err:?}"
+        );
         let err = render("{{ 1 + }}", &[]).unwrap_err();
         assert!(matches!(err, TemplateError::Syntax(_)), "{err:?}");
     }
@@ -580,14 +590,22 @@ mod tests {
     #[test]
     fn python_methods_loop_controls_and_block_trimming() {
         let src = "{% for m in messages %}\n  {% if loop.index0 > 0 %}{% break %}{% endif %}\n{{ m['content'].strip().upper() }}|{{ m.role.startswith('us') }}\n{% endfor %}";
-        let out = render(src, &[ChatMessage::new("user", "  hi "), ChatMessage::new("user", "no")]).unwrap();
-        assert_eq!(out, "HI|true\n");
+        let out = render(
+            src,
+            &[
+                ChatMessage::new("user", "  hi "),
+                ChatMessage::new("user", "no"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(out, "HI|True\n");
     }
 
     #[test]
     fn missing_special_tokens_render_empty() {
-        let t = ChatTemplate::new("[{{ bos_token }}]{{ tools is none }}".into(), None, None).unwrap();
-        assert_eq!(t.render(&[], false).unwrap(), "[]true");
+        let t =
+            ChatTemplate::new("[{{ bos_token }}]{{ tools is none }}".into(), None, None).unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), "[]True");
     }
 
     #[test]
@@ -611,7 +629,10 @@ mod tests {
         let ts = 1_709_211_909;
         assert_eq!(strftime("%Y-%m-%d %H:%M:%S", ts), "2024-02-29 13:05:09");
         assert_eq!(strftime("%d %b %Y", ts), "29 Feb 2024");
-        assert_eq!(strftime("%A %B %-d, %I%p %j %%", ts), "Thursday February 29, 01PM 060 %");
+        assert_eq!(
+            strftime("%A %B %-d, %I%p %j %%", ts),
+            "Thursday February 29, 01PM 060 %"
+        );
         assert_eq!(strftime("%Y-%m-%d %a", 0), "1970-01-01 Thu");
         assert_eq!(strftime("%Y-%m-%d", -86_400), "1969-12-31");
     }
@@ -620,9 +641,18 @@ mod tests {
     fn named_templates_pick_default() {
         let cfg = serde_json::json!({"chat_template": [
             {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
-        assert_eq!(template_source_from_config(&cfg).unwrap().as_deref(), Some("D"));
+        assert_eq!(
+            template_source_from_config(&cfg).unwrap().as_deref(),
+            Some("D")
+        );
         let cfg = serde_json::json!({"chat_template": [{"name": "rag", "template": "R"}]});
-        assert_eq!(template_source_from_config(&cfg).unwrap().as_deref(), Some("R"));
-        assert_eq!(template_source_from_config(&serde_json::json!({})).unwrap(), None);
+        assert_eq!(
+            template_source_from_config(&cfg).unwrap().as_deref(),
+            Some("R")
+        );
+        assert_eq!(
+            template_source_from_config(&serde_json::json!({})).unwrap(),
+            None
+        );
     }
 }

@@ -150,7 +150,9 @@ mod tests {
         let ok = tok.encode("ok", false).unwrap();
         assert_eq!(ok.len(), 1);
         // 日 = E6 97 A5, 本 = E6 9C AC: nothing comes out while the run may still go on.
-        let mut ids = [0xE6, 0x97, 0xA5, 0xE6, 0x9C, 0xAC].map(|b| byte(&tok, b)).to_vec();
+        let mut ids = [0xE6, 0x97, 0xA5, 0xE6, 0x9C, 0xAC]
+            .map(|b| byte(&tok, b))
+            .to_vec();
         ids.push(ok[0]);
         let deltas = stream(&tok, &prompt, &ids);
         assert_eq!(deltas, ["", "", "", "", "", "", "日本 ok", ""]);

@@ -97,11 +97,17 @@ mod tests {
 
     #[test]
     fn stop_across_deltas() {
-        assert_eq!(run(&["###"], &["Hello #", "#", "# rest"]), ("Hello ".into(), Some(0)));
+        assert_eq!(
+            run(&["###"], &["Hello #", "#", "# rest"]),
+            ("Hello ".into(), Some(0))
+        );
         assert_eq!(run(&["###"], &["a #", "# b"]), ("a ## b".into(), None));
         assert_eq!(run(&["x", "ab"], &["zza", "bx"]), ("zz".into(), Some(1)));
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), None));
-        assert_eq!(run(&["日本"], &["こんに日", "本語"]), ("こんに".into(), Some(0)));
+        assert_eq!(
+            run(&["日本"], &["こんに日", "本語"]),
+            ("こんに".into(), Some(0))
+        );
     }
 
     #[test]

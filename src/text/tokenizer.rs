@@ -160,7 +160,8 @@ impl Tokenizer {
             None => (None, Vec::new()),
         };
         let cfg_token = |key| tok_cfg.as_ref().and_then(|c| token_field(c, key));
-        let bos_token = cfg_token("bos_token").or_else(|| gen_bos.and_then(|id| tokenizer.id_to_token(id)));
+        let bos_token =
+            cfg_token("bos_token").or_else(|| gen_bos.and_then(|id| tokenizer.id_to_token(id)));
         let eos_token = cfg_token("eos_token")
             .or_else(|| gen_eos.first().and_then(|&id| tokenizer.id_to_token(id)));
         // The id the tokenizer itself uses for its BOS string wins: it is what encode() adds.
@@ -339,7 +340,10 @@ fn load_chat_template(
         Some(source) => ChatTemplate::new(source, bos_token, eos_token),
         None => {
             let dir = config_path.parent().unwrap_or(Path::new("."));
-            let candidates = [dir.join("chat_template.jinja"), dir.join("chat_template.json")];
+            let candidates = [
+                dir.join("chat_template.jinja"),
+                dir.join("chat_template.json"),
+            ];
             match candidates.into_iter().find(|p| p.is_file()) {
                 Some(path) => ChatTemplate::from_file(&path, bos_token, eos_token),
                 None => return Ok(None),
@@ -373,13 +377,12 @@ fn special_token_fixes(
     let (Some(with), Some(without)) = (probe(true), probe(false)) else {
         return (Fix::None, Fix::None);
     };
-    let fix = |wanted: Option<bool>, id: Option<u32>, added: &dyn Fn(u32) -> bool| {
-        match (wanted, id) {
+    let fix =
+        |wanted: Option<bool>, id: Option<u32>, added: &dyn Fn(u32) -> bool| match (wanted, id) {
             (Some(true), Some(id)) if !added(id) => Fix::Add(id),
             (Some(false), Some(id)) if added(id) => Fix::Strip(id),
             _ => Fix::None,
-        }
-    };
+        };
     let bos_fix = fix(add_bos, bos_id, &|id| {
         with.first() == Some(&id) && without.first() != Some(&id)
     });
@@ -387,7 +390,11 @@ fn special_token_fixes(
         with.last() == Some(&id) && without.last() != Some(&id)
     });
     if bos_fix != Fix::None || eos_fix != Fix::None {
-        tracing::debug!(?bos_fix, ?eos_fix, "tokenizer_config.json overrides the post-processor");
+        tracing::debug!(
+            ?bos_fix,
+            ?eos_fix,
+            "tokenizer_config.json overrides the post-processor"
+        );
     }
     (bos_fix, eos_fix)
 }

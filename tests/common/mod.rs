@@ -34,11 +34,18 @@ pub struct RefPrompt {
 }
 
 pub fn reference(name: &str) -> Vec<RefPrompt> {
-    let path = root().join("tests/fixtures").join(name).join("reference.safetensors");
+    let path = root()
+        .join("tests/fixtures")
+        .join(name)
+        .join("reference.safetensors");
     let tensors: HashMap<String, Tensor> =
         candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let ids = |t: &Tensor| -> Vec<u32> {
-        t.to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+        t.to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
     };
     let mut out = Vec::new();
     for i in 0.. {
@@ -101,7 +108,13 @@ impl Blocks {
 }
 
 /// One sequence's prefill in a single pass, logits for the given rows.
-pub fn prefill(model: &MoeModel, blocks: &KvCache, ids: &[u32], table: &[u32], rows: &[usize]) -> Tensor {
+pub fn prefill(
+    model: &MoeModel,
+    blocks: &KvCache,
+    ids: &[u32],
+    table: &[u32],
+    rows: &[usize],
+) -> Tensor {
     let mut batch = Batch::default();
     batch.push_seq(ids, ids.len(), table.to_vec());
     batch.logits_rows = rows.to_vec();
