@@ -75,6 +75,8 @@ pub struct MoeConfig {
     pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub rope_theta: f64,
+    /// Mixtral-style sliding-window attention: a query sees only the last `n` positions.
+    pub sliding_window: Option<usize>,
     pub norm: NormKind,
     /// DBRX clamps the fused QKV projection to ±clip_qkv.
     pub clip_qkv: Option<f64>,
@@ -201,6 +203,9 @@ impl MoeConfig {
                 self.experts_per_token, self.num_experts
             ));
         }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be positive or null".into());
+        }
         if let Some(c) = self.clip_qkv {
             if c <= 0.0 {
                 return bad(format!("clip_qkv must be positive, got {c}"));
@@ -259,6 +264,7 @@ struct MixtralJson {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_parameters: Option<RopeParameters>,
+    sliding_window: Option<usize>,
     num_experts_per_tok: usize,
     num_local_experts: usize,
     #[serde(default)]
@@ -304,6 +310,7 @@ impl MixtralJson {
             head_dim,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(32768),
             rope_theta,
+            sliding_window: self.sliding_window,
             norm: NormKind::Rms {
                 eps: self.rms_norm_eps.unwrap_or(1e-5),
             },
@@ -386,6 +393,7 @@ impl DbrxJson {
             head_dim,
             max_position_embeddings: self.max_seq_len.unwrap_or(2048),
             rope_theta,
+            sliding_window: None,
             norm: NormKind::LayerNormNoBias { eps: 1e-5 },
             clip_qkv: self.attn_config.clip_qkv,
             num_experts: self.ffn_config.moe_num_experts,

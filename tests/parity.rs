@@ -137,3 +137,107 @@ fn bf16_top1_agrees_with_reference() {
         assert!(frac >= 0.95, "{name}: bf16 top-1 agreement {agree}/{total}");
     }
 }
+
+/// Decode steps of some sequences and prefill chunks of others, mixed in one pass, give each
+/// the logits it gets when run alone.
+#[test]
+fn mixed_decode_and_prefill_in_one_pass() {
+    for name in FAMILIES {
+        let model = load_model(name, DType::F32);
+        let refs = reference(name);
+        let mut blocks = Blocks::new(&model, 160);
+        // Sequences 0..3 have their prompt cached and decode one greedy token; sequence 4 prefills
+        // its second chunk (its first 200 tokens are cached).
+        let mut batch = Batch::default();
+        let mut expected = Vec::new();
+        for p in &refs[..4] {
+            let n = p.input_ids.len();
+            let (solo_t, mixed_t) = (blocks.table(n + 1), blocks.table(n + 1));
+            let full: Vec<u32> = p.input_ids.iter().copied().chain([p.greedy[0]]).collect();
+            expected.push(prefill(&model, &blocks.cache, &full, &solo_t, &[n]));
+            prefill(&model, &blocks.cache, &p.input_ids, &mixed_t, &[n - 1]);
+            let rows = batch.push_seq(&[p.greedy[0]], n + 1, mixed_t);
+            batch.logits_rows.push(rows.start);
+        }
+        let ids = &refs[4].input_ids;
+        let (solo_t, mixed_t) = (blocks.table(ids.len()), blocks.table(ids.len()));
+        expected.push(prefill(
+            &model,
+            &blocks.cache,
+            ids,
+            &solo_t,
+            &[ids.len() - 1],
+        ));
+        prefill(&model, &blocks.cache, &ids[..200], &mixed_t, &[199]);
+        let rows = batch.push_seq(&ids[200..], ids.len(), mixed_t);
+        batch.logits_rows.push(rows.end - 1);
+
+        let mixed = model.forward(&batch, &blocks.cache).unwrap();
+        for (i, e) in expected.iter().enumerate() {
+            let diff = max_abs_diff(e, &mixed.narrow(0, i, 1).unwrap());
+            assert!(
+                diff <= 1e-4,
+                "{name} sequence {i}: mixed batch differs by {diff}"
+            );
+        }
+    }
+}
+
+/// Sliding-window attention: the masked prefill path and the gathered decode path agree, and
+/// the window changes the output once the context outgrows it.
+#[test]
+fn sliding_window_prefill_matches_decode() {
+    use mixserve::config::MoeConfig;
+    use mixserve::loader::WeightSource;
+    use mixserve::model::MoeModel;
+    let dir = model_dir("tiny-mixtral");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    json["sliding_window"] = 40.into();
+    let cfg = MoeConfig::from_json_str(&json.to_string(), "config.json").unwrap();
+    assert_eq!(cfg.sliding_window, Some(40));
+    let w = WeightSource::open(
+        &[dir.join("model.safetensors")],
+        &candle_core::Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let windowed = MoeModel::load(&cfg, &w).unwrap();
+    let full = load_model("tiny-mixtral", DType::F32);
+
+    let ids = &reference("tiny-mixtral")[3].input_ids; // 109 tokens
+    let n = ids.len();
+    let rows: Vec<usize> = (0..n).collect();
+    let mut blocks = Blocks::new(&windowed, 32);
+    let table = blocks.table(n);
+    let prefilled = prefill(&windowed, &blocks.cache, ids, &table, &rows);
+
+    let table = blocks.table(n);
+    let mut stepped = Vec::new();
+    for (i, &t) in ids.iter().enumerate() {
+        let mut batch = Batch::default();
+        batch.push_seq(&[t], i + 1, table.clone());
+        batch.logits_rows = vec![0];
+        stepped.push(windowed.forward(&batch, &blocks.cache).unwrap());
+    }
+    let stepped = Tensor::cat(&stepped, 0).unwrap();
+    let diff = max_abs_diff(&prefilled, &stepped);
+    assert!(diff <= 1e-4, "windowed prefill vs decode differ by {diff}");
+
+    let mut fb = Blocks::new(&full, 8);
+    let ft = fb.table(n);
+    let unwindowed = prefill(&full, &fb.cache, ids, &ft, &rows);
+    let early = max_abs_diff(
+        &unwindowed.narrow(0, 0, 40).unwrap(),
+        &prefilled.narrow(0, 0, 40).unwrap(),
+    );
+    assert!(early <= 1e-5, "inside the window nothing changes ({early})");
+    let late = max_abs_diff(
+        &unwindowed.narrow(0, 60, n - 60).unwrap(),
+        &prefilled.narrow(0, 60, n - 60).unwrap(),
+    );
+    assert!(
+        late > 1e-2,
+        "past the window the output must change ({late})"
+    );
+}

@@ -83,7 +83,7 @@ impl Attention {
         let mut outs = Vec::with_capacity(batch.seqs.len());
         for seq in &batch.seqs {
             let t = seq.len;
-            let c = seq.context_len;
+            let c = seq.keys;
             // [t, heads, hd] → [kv_heads, groups * t, hd]: heads h = kv * groups + g share kv.
             let q_s = q
                 .narrow(0, seq.start, t)?

@@ -58,12 +58,21 @@ impl Batch {
 pub(crate) struct PreparedSeq {
     pub start: usize,
     pub len: usize,
-    pub context_len: usize,
-    /// `[context_len]` u32: the cache slots of positions `0..context_len`.
+    /// Number of key positions attended: `context_len` less what a sliding window hides.
+    pub keys: usize,
+    /// `[keys]` u32: the cache slots of positions `context_len - keys..context_len`.
     pub ctx_slots: Tensor,
-    /// `[len, context_len]` f32 additive causal mask; `None` for a single query token, which
-    /// may see its whole context.
+    /// `[len, keys]` f32 additive mask (causal, and the sliding window); `None` for a single
+    /// query token, which sees every gathered key.
     pub mask: Option<Tensor>,
+}
+
+/// What of the model's shape the batch preparation needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchShape {
+    pub vocab_size: usize,
+    pub kv_dim: usize,
+    pub sliding_window: Option<usize>,
 }
 
 /// A batch checked against the cache and turned into the index tensors every layer reuses.
@@ -84,10 +93,14 @@ impl PreparedBatch {
         batch: &Batch,
         cache: &KvCache,
         rope: &RotaryEmbedding,
-        vocab_size: usize,
-        kv_dim: usize,
+        shape: BatchShape,
         device: &Device,
     ) -> Result<Self> {
+        let BatchShape {
+            vocab_size,
+            kv_dim,
+            sliding_window,
+        } = shape;
         let n = batch.input_ids.len();
         if n == 0 {
             candle_core::bail!("empty batch");
@@ -140,24 +153,31 @@ impl PreparedBatch {
                 positions[s.start + i] = (first_pos + i) as u32;
                 slots[s.start + i] = slot(first_pos + i);
             }
-            let ctx: Vec<u32> = (0..s.context_len).map(slot).collect();
+            // Keys before the first query's window are never seen: don't even gather them.
+            let window = sliding_window.unwrap_or(usize::MAX);
+            let kstart = (first_pos + 1).saturating_sub(window);
+            let keys = s.context_len - kstart;
+            let ctx: Vec<u32> = (kstart..s.context_len).map(slot).collect();
             let mask = if s.len > 1 {
-                let mut m = vec![0f32; s.len * s.context_len];
+                let mut m = vec![0f32; s.len * keys];
                 for i in 0..s.len {
                     let qpos = first_pos + i;
-                    for kpos in qpos + 1..s.context_len {
-                        m[i * s.context_len + kpos] = f32::NEG_INFINITY;
+                    for (j, v) in m[i * keys..(i + 1) * keys].iter_mut().enumerate() {
+                        let kpos = kstart + j;
+                        if kpos > qpos || qpos - kpos >= window {
+                            *v = f32::NEG_INFINITY;
+                        }
                     }
                 }
-                Some(Tensor::from_vec(m, (s.len, s.context_len), device)?)
+                Some(Tensor::from_vec(m, (s.len, keys), device)?)
             } else {
                 None
             };
             seqs.push(PreparedSeq {
                 start: s.start,
                 len: s.len,
-                context_len: s.context_len,
-                ctx_slots: Tensor::from_vec(ctx, s.context_len, device)?,
+                keys,
+                ctx_slots: Tensor::from_vec(ctx, keys, device)?,
                 mask,
             });
             covered += s.len;

@@ -15,7 +15,7 @@ pub use kv_cache::{KvCache, DEFAULT_BLOCK_SIZE};
 use crate::config::{Family, MoeConfig};
 use crate::loader::{WeightError, WeightSource};
 use attention::Attention;
-use batch::PreparedBatch;
+use batch::{BatchShape, PreparedBatch};
 use candle_core::{DType, Device, Tensor};
 use layers::{Linear, Norm, RotaryEmbedding};
 use moe::MoeBlock;
@@ -149,8 +149,11 @@ impl MoeModel {
             batch,
             cache,
             &self.rope,
-            self.cfg.vocab_size,
-            self.cfg.kv_dim(),
+            BatchShape {
+                vocab_size: self.cfg.vocab_size,
+                kv_dim: self.cfg.kv_dim(),
+                sliding_window: self.cfg.sliding_window,
+            },
             self.device(),
         )?;
         // The residual stream and the norms run in f32 whatever the compute dtype: in bf16 the
