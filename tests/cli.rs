@@ -183,7 +183,7 @@ fn bad_input_is_a_clear_error() {
         ),
         (
             &["run", "-p", "hi", "--max-tokens", "5000"],
-            "exceeds the context of 4096",
+            "maximum context length is 4096 tokens",
         ),
         (
             &["run", "-p", "hi", "--kv-cache-memory", "lots"],

@@ -3,6 +3,7 @@
 pub mod run;
 
 use crate::config::MoeConfig;
+use crate::engine::{Engine, EngineConfig, SchedulerConfig};
 use crate::loader::{self, DTypeArg, ModelFiles, WeightSource};
 use crate::model::{MoeModel, DEFAULT_BLOCK_SIZE};
 use crate::text::Tokenizer;
@@ -36,17 +37,37 @@ pub struct ModelArgs {
     #[arg(long)]
     pub experts_per_token: Option<usize>,
 
+    /// A chat template file (Jinja) to use instead of the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// How the engine batches and caches.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
     /// Memory for the KV cache, e.g. 512MiB or 4GiB; it sets the number of KV blocks.
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     pub kv_cache_memory: u64,
 
     /// Tokens per KV cache block.
-    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE, value_parser = clap::value_parser!(usize))]
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
 
-    /// A chat template file (Jinja) to use instead of the model's own.
+    /// Most tokens (decode steps plus prefill chunks) in one forward pass; longer prompts
+    /// are prefilled in chunks of this size.
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+
+    /// Turn off prefix caching (reuse of the KV blocks of shared prompt prefixes).
     #[arg(long)]
-    pub chat_template: Option<PathBuf>,
+    pub no_prefix_cache: bool,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -82,8 +103,6 @@ pub struct Loaded {
     pub files: ModelFiles,
     pub model: MoeModel,
     pub tokenizer: Tokenizer,
-    /// KV blocks the memory budget buys.
-    pub num_blocks: usize,
 }
 
 impl ModelArgs {
@@ -121,8 +140,30 @@ impl ModelArgs {
             )?;
             tokenizer = tokenizer.with_chat_template(Some(template));
         }
+        Ok(Loaded {
+            files,
+            model,
+            tokenizer,
+        })
+    }
+
+    /// Loads the model and starts the engine on it.
+    pub fn start_engine(&self) -> Result<(ModelFiles, Engine)> {
+        let loaded = self.load()?;
+        let config = self.engine.config(&loaded.model)?;
+        let engine = Engine::start(loaded.model, loaded.tokenizer, config)?;
+        Ok((loaded.files, engine))
+    }
+}
+
+impl EngineArgs {
+    /// Sizes the KV cache from the memory budget and logs what that buys.
+    pub fn config(&self, model: &MoeModel) -> Result<EngineConfig> {
         if self.block_size == 0 {
             bail!("--block-size must be at least 1");
+        }
+        if self.max_num_batched_tokens == 0 || self.max_num_seqs == 0 {
+            bail!("--max-num-batched-tokens and --max-num-seqs must be at least 1");
         }
         let per_block = model.kv_bytes_per_block(self.block_size) as u64;
         let num_blocks = (self.kv_cache_memory / per_block) as usize;
@@ -137,25 +178,20 @@ impl ModelArgs {
         tracing::info!(
             blocks = num_blocks,
             tokens = num_blocks * self.block_size,
-            "KV cache: {} in {num_blocks} blocks of {} tokens",
+            "KV cache: {} in {num_blocks} blocks of {} tokens ({} tokens)",
             bytesize::ByteSize(num_blocks as u64 * per_block),
-            self.block_size
+            self.block_size,
+            num_blocks * self.block_size
         );
-        Ok(Loaded {
-            files,
-            model,
-            tokenizer,
+        Ok(EngineConfig {
+            scheduler: SchedulerConfig {
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_num_seqs: self.max_num_seqs,
+            },
             num_blocks,
+            block_size: self.block_size,
+            prefix_caching: !self.no_prefix_cache,
+            max_waiting: None,
         })
     }
-}
-
-/// Token ids that end a generation: the tokenizer's and generation config's EOS, and the
-/// model config's.
-pub fn stop_token_ids(loaded: &Loaded) -> Vec<u32> {
-    let mut ids: Vec<u32> = loaded.tokenizer.eos_token_ids().to_vec();
-    ids.extend(&loaded.model.config().eos_token_ids);
-    ids.sort_unstable();
-    ids.dedup();
-    ids
 }

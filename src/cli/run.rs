@@ -1,15 +1,15 @@
 //! `mixserve run`: a one-shot completion (`--prompt`) or an interactive chat on a terminal,
 //! streaming tokens to stdout as they are made.
 
-use super::{stop_token_ids, Loaded, ModelArgs};
-use crate::engine::{GenerateParams, GenerateStats, Generator, SamplingParams};
-use crate::text::{ChatMessage, IncrementalDetokenizer};
+use super::ModelArgs;
+use crate::engine::{Engine, Event, FinishReason, Request, SamplingParams, Usage};
+use crate::text::ChatMessage;
 use anyhow::{bail, Context, Result};
 use rustyline::error::ReadlineError;
 use std::io::{IsTerminal, Read, Write};
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -47,46 +47,32 @@ pub struct RunArgs {
     /// Seed for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
-
-    /// Largest prefill chunk, in tokens.
-    #[arg(long, default_value_t = 512)]
-    pub max_num_batched_tokens: usize,
 }
 
 impl RunArgs {
-    fn params(&self, stop: Vec<u32>) -> Result<GenerateParams> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            bail!("--temperature must be a number >= 0");
+    fn request(&self, prompt: Vec<u32>) -> Result<Request> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            ..SamplingParams::default()
+        };
+        if let Err(e) = sampling.validate() {
+            bail!("--{}", e.replace('_', "-"));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("--top-p must be in (0, 1]");
-        }
-        Ok(GenerateParams {
-            sampling: SamplingParams {
-                temperature: self.temperature,
-                top_p: self.top_p,
-                top_k: self.top_k,
-                min_p: 0.0,
-                seed: self.seed,
-            },
-            max_tokens: self.max_tokens,
-            stop_token_ids: stop,
+        Ok(Request {
+            sampling,
+            ..Request::greedy(prompt, self.max_tokens)
         })
     }
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
     let interactive = args.prompt.is_none() && std::io::stdin().is_terminal();
-    let loaded = args.model.load()?;
-    let params = args.params(stop_token_ids(&loaded))?;
-    let mut generator = Generator::new(
-        &loaded.model,
-        loaded.num_blocks,
-        args.model.block_size,
-        args.max_num_batched_tokens,
-    )?;
+    let (files, engine) = args.model.start_engine()?;
     if interactive {
-        return chat_loop(&args, &loaded, &mut generator, &params);
+        return chat_loop(&args, &files.name, &engine);
     }
     let prompt = match &args.prompt {
         Some(p) => p.clone(),
@@ -104,89 +90,110 @@ pub fn run(args: RunArgs) -> Result<()> {
             messages.push(ChatMessage::new("system", system.as_str()));
         }
         messages.push(ChatMessage::new("user", prompt));
-        chat_prompt(&loaded, &messages)?
+        chat_prompt(&engine, &messages)?
     } else {
-        loaded.tokenizer.encode(&prompt, true)?
+        engine.tokenizer().encode(&prompt, true)?
     };
-    let (_, stats) = stream_answer(&loaded, &mut generator, &ids, &params, None)?;
+    let answer = stream_answer(&engine, args.request(ids)?, None)?;
     println!();
-    report(&stats);
+    answer.report();
     Ok(())
 }
 
 /// Renders a conversation with the chat template and tokenizes it without adding special
 /// tokens again (the template writes its own BOS).
-fn chat_prompt(loaded: &Loaded, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-    let template = loaded
-        .tokenizer
+fn chat_prompt(engine: &Engine, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    let tokenizer = engine.tokenizer();
+    let template = tokenizer
         .chat_template()
         .context("this model has no chat template (pass one with --chat-template)")?;
     let text = template.render(messages, true)?;
-    Ok(loaded.tokenizer.encode(&text, false)?)
+    Ok(tokenizer.encode(&text, false)?)
 }
 
-/// Generates after `ids`, printing text deltas as they come; returns the answer's text.
-fn stream_answer(
-    loaded: &Loaded,
-    generator: &mut Generator,
-    ids: &[u32],
-    params: &GenerateParams,
-    interrupt: Option<&AtomicBool>,
-) -> Result<(String, GenerateStats)> {
-    let mut detok = IncrementalDetokenizer::new(loaded.tokenizer.clone(), ids, true);
-    let mut text = String::new();
-    let mut out = std::io::stdout().lock();
-    let mut failure = None;
-    let stats = generator.generate(ids, params, |token| {
-        if interrupt.is_some_and(|f| f.swap(false, Ordering::SeqCst)) {
-            return ControlFlow::Break(());
-        }
-        match detok.push(token) {
-            Ok(delta) => {
-                text.push_str(&delta);
-                // A closed stdout (`| head`) ends the answer rather than the program with a panic.
-                if out
-                    .write_all(delta.as_bytes())
-                    .and_then(|_| out.flush())
-                    .is_err()
-                {
-                    return ControlFlow::Break(());
-                }
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                failure = Some(e);
-                ControlFlow::Break(())
-            }
-        }
-    })?;
-    if let Some(e) = failure {
-        return Err(e.into());
+struct Answer {
+    text: String,
+    usage: Usage,
+    finish: FinishReason,
+    first_token: Duration,
+    decode: Duration,
+}
+
+impl Answer {
+    fn report(&self) {
+        let rate = if self.usage.completion_tokens > 1 && !self.decode.is_zero() {
+            (self.usage.completion_tokens - 1) as f64 / self.decode.as_secs_f64()
+        } else {
+            0.0
+        };
+        eprintln!(
+            "[{} prompt tokens ({} cached), first token after {:.2}s, {} tokens at {:.1} tok/s, finish: {}]",
+            self.usage.prompt_tokens,
+            self.usage.cached_tokens,
+            self.first_token.as_secs_f64(),
+            self.usage.completion_tokens,
+            rate,
+            self.finish.as_str()
+        );
     }
-    let tail = detok.flush()?;
-    text.push_str(&tail);
-    let _ = out.write_all(tail.as_bytes()).and_then(|_| out.flush());
-    Ok((text, stats))
 }
 
-fn report(stats: &GenerateStats) {
-    eprintln!(
-        "[{} prompt tokens ({} cached) in {:.2}s, {} tokens at {:.1} tok/s, finish: {}]",
-        stats.prompt_tokens,
-        stats.cached_tokens,
-        stats.prefill_time.as_secs_f64(),
-        stats.generated_tokens,
-        stats.decode_tokens_per_s(),
-        stats.finish_reason.as_str()
-    );
+/// Submits `request` and prints its text as it streams in; `interrupt` cancels it.
+fn stream_answer(
+    engine: &Engine,
+    request: Request,
+    interrupt: Option<&AtomicBool>,
+) -> Result<Answer> {
+    let started = Instant::now();
+    let mut stream = engine.submit(request)?;
+    let mut out = std::io::stdout().lock();
+    let mut answer = Answer {
+        text: String::new(),
+        usage: Usage::default(),
+        finish: FinishReason::Abort,
+        first_token: Duration::ZERO,
+        decode: Duration::ZERO,
+    };
+    let mut first = None;
+    let mut write = |text: &str, answer: &mut Answer| -> bool {
+        answer.text.push_str(text);
+        // A closed stdout (`| head`) ends the answer, not the program with a panic.
+        out.write_all(text.as_bytes())
+            .and_then(|_| out.flush())
+            .is_ok()
+    };
+    while let Some(event) = stream.blocking_recv() {
+        if interrupt.is_some_and(|f| f.swap(false, Ordering::SeqCst)) {
+            // Dropping the stream cancels the request and frees its KV blocks.
+            answer.finish = FinishReason::Abort;
+            return Ok(answer);
+        }
+        match event {
+            Event::Token { text, .. } => {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                answer.first_token = first.map_or(Duration::ZERO, |f| f - started);
+                if !write(&text, &mut answer) {
+                    return Ok(answer);
+                }
+            }
+            Event::Finished { text, reason, .. } => {
+                write(&text, &mut answer);
+                answer.finish = reason;
+            }
+            Event::Done(usage) => {
+                answer.usage = usage;
+                answer.decode = first.map_or(Duration::ZERO, |f| f.elapsed());
+                return Ok(answer);
+            }
+            Event::Error(msg) => bail!("{msg}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+    bail!("the engine stopped before the answer was complete")
 }
 
-fn chat_loop(
-    args: &RunArgs,
-    loaded: &Loaded,
-    generator: &mut Generator,
-    params: &GenerateParams,
-) -> Result<()> {
+fn chat_loop(args: &RunArgs, name: &str, engine: &Engine) -> Result<()> {
     // Ctrl-C while an answer streams stops that answer; at the prompt, the line editor takes
     // it (the terminal is in raw mode there) and we just show a new prompt.
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -201,8 +208,7 @@ fn chat_loop(
         .collect();
     let mut history = base.clone();
     eprintln!(
-        "{}: chat. /reset clears the conversation, Ctrl-C stops an answer, Ctrl-D exits.",
-        loaded.files.name
+        "{name}: chat. /reset clears the conversation, Ctrl-C stops an answer, Ctrl-D exits."
     );
     loop {
         let line = match editor.readline(">>> ") {
@@ -218,25 +224,21 @@ fn chat_loop(
         let _ = editor.add_history_entry(input);
         if input == "/reset" {
             history = base.clone();
-            generator.reset();
             eprintln!("(conversation cleared)");
             continue;
         }
         history.push(ChatMessage::new("user", input));
-        let ids = match chat_prompt(loaded, &history) {
-            Ok(ids) => ids,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                history.pop();
-                continue;
-            }
-        };
-        interrupt.store(false, Ordering::SeqCst);
-        match stream_answer(loaded, generator, &ids, params, Some(&interrupt)) {
-            Ok((text, stats)) => {
+        let answer = chat_prompt(engine, &history)
+            .and_then(|ids| args.request(ids))
+            .and_then(|req| {
+                interrupt.store(false, Ordering::SeqCst);
+                stream_answer(engine, req, Some(&interrupt))
+            });
+        match answer {
+            Ok(answer) => {
                 println!();
-                report(&stats);
-                history.push(ChatMessage::new("assistant", text));
+                answer.report();
+                history.push(ChatMessage::new("assistant", answer.text));
             }
             Err(e) => {
                 eprintln!("\nerror: {e:#}");

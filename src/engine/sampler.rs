@@ -17,6 +17,14 @@ pub struct SamplingParams {
     /// Drop tokens less likely than `min_p` times the most likely one; 0 disables.
     pub min_p: f32,
     pub seed: Option<u64>,
+    /// HF-style: logits of tokens seen (prompt or output) are divided (if > 0) or multiplied
+    /// (if < 0) by this; 1 disables.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+    pub logit_bias: super::request::LogitBias,
 }
 
 impl Default for SamplingParams {
@@ -27,6 +35,10 @@ impl Default for SamplingParams {
             top_k: 0,
             min_p: 0.0,
             seed: None,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Default::default(),
         }
     }
 }
@@ -42,6 +54,88 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0 || self.top_k == 1
     }
+
+    /// Range checks; the error names the parameter.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |ok: bool, msg: &str| if ok { Ok(()) } else { Err(msg.to_string()) };
+        check(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            "temperature must be a number >= 0",
+        )?;
+        check(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "top_p must be in (0, 1]",
+        )?;
+        check((0.0..=1.0).contains(&self.min_p), "min_p must be in [0, 1]")?;
+        check(
+            self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0,
+            "repetition_penalty must be > 0",
+        )?;
+        check(
+            (-2.0..=2.0).contains(&self.presence_penalty),
+            "presence_penalty must be in [-2, 2]",
+        )?;
+        check(
+            (-2.0..=2.0).contains(&self.frequency_penalty),
+            "frequency_penalty must be in [-2, 2]",
+        )?;
+        check(
+            self.logit_bias.values().all(|b| b.is_finite()),
+            "logit_bias values must be numbers",
+        )
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || !self.logit_bias.is_empty()
+    }
+}
+
+/// Rewrites logits by the request's penalties and biases, in vLLM's order: repetition penalty
+/// (over prompt and output), then frequency and presence (over the output), then logit bias.
+pub fn apply_penalties(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    prompt: &[u32],
+    output: &[u32],
+) {
+    if !params.has_penalties() {
+        return;
+    }
+    let vocab = logits.len();
+    if params.repetition_penalty != 1.0 {
+        let mut seen = vec![false; vocab];
+        for &t in prompt.iter().chain(output) {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        for (l, _) in logits.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+            if *l > 0.0 {
+                *l /= params.repetition_penalty;
+            } else {
+                *l *= params.repetition_penalty;
+            }
+        }
+    }
+    if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+        let mut counts: std::collections::HashMap<u32, u32> = Default::default();
+        for &t in output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= params.frequency_penalty * c as f32 + params.presence_penalty;
+            }
+        }
+    }
+    for (&t, &b) in &params.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
 }
 
 pub struct Sampler {
@@ -51,8 +145,16 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
+        Self::for_sample(params, 0)
+    }
+
+    /// The sampler of sample `index` of a request: seeded requests give each of their `n`
+    /// samples its own stream, derived from the seed.
+    pub fn for_sample(params: SamplingParams, index: usize) -> Self {
         let rng = match params.seed {
-            Some(s) => StdRng::seed_from_u64(s),
+            Some(s) => {
+                StdRng::seed_from_u64(s ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            }
             None => StdRng::from_os_rng(),
         };
         Self { params, rng }

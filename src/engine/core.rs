@@ -1,0 +1,529 @@
+//! The engine thread: the one place that owns time (the step loop) and memory (the KV blocks).
+//!
+//! Each step: take in new requests and drop cancelled ones, schedule, run one forward pass,
+//! then sample every sequence that reached its end and send its events.
+
+use super::block_manager::BlockManager;
+use super::request::{Event, FinishReason, Request, TokenLogprob, Usage};
+use super::runner::{self, SeqRows};
+use super::sampler::{apply_penalties, Sampler};
+use super::scheduler::{Plan, Scheduler};
+use super::sequence::{RequestId, RequestState, SeqId, Sequence, Status};
+use super::{Command, Shared};
+use crate::model::KvCache;
+use crate::text::{IncrementalDetokenizer, StopMatcher, StopOutcome};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+
+pub(super) struct EngineCore {
+    shared: Arc<Shared>,
+    cache: KvCache,
+    blocks: BlockManager,
+    scheduler: Scheduler,
+    seqs: HashMap<SeqId, Sequence>,
+    requests: HashMap<RequestId, RequestState>,
+    next_seq: SeqId,
+}
+
+impl EngineCore {
+    pub fn new(
+        shared: Arc<Shared>,
+        cache: KvCache,
+        blocks: BlockManager,
+        scheduler: Scheduler,
+    ) -> Self {
+        Self {
+            shared,
+            cache,
+            blocks,
+            scheduler,
+            seqs: HashMap::new(),
+            requests: HashMap::new(),
+            next_seq: 0,
+        }
+    }
+
+    /// Runs until shutdown is asked for and every request has ended.
+    pub fn run(mut self, commands: Receiver<Command>) {
+        let mut shutting_down = false;
+        loop {
+            // Block for work when idle; otherwise just pick up what arrived.
+            if self.scheduler.is_idle() {
+                if shutting_down {
+                    break;
+                }
+                match commands.recv() {
+                    Ok(cmd) => shutting_down |= self.handle(cmd),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => shutting_down |= self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        shutting_down = true;
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            self.step();
+            self.publish();
+        }
+        self.publish();
+    }
+
+    /// Returns true for a shutdown request.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit {
+                id,
+                request,
+                events,
+            } => {
+                self.shared.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+                self.add_request(id, *request, events);
+                false
+            }
+            Command::Shutdown => true,
+        }
+    }
+
+    fn add_request(
+        &mut self,
+        id: RequestId,
+        request: Request,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
+    ) {
+        let mut stop_ids = request.stop_token_ids.clone();
+        if !request.ignore_eos {
+            stop_ids.extend(&self.shared.eos_token_ids);
+        }
+        let seq = self.new_sequence(id, &request, 0, request.prompt.clone(), Vec::new(), 0);
+        self.scheduler.waiting.push_back(seq);
+        self.requests.insert(
+            id,
+            RequestState {
+                live: request.n,
+                forked: request.n == 1,
+                stop_ids,
+                events,
+                completion_tokens: 0,
+                cached_tokens: 0,
+                prompt_logprobs: Vec::new(),
+                prompt_logprobs_sent: request.prompt_logprobs.is_none(),
+                request,
+            },
+        );
+        self.shared.metrics.prompt_tokens.fetch_add(
+            self.requests[&id].request.prompt.len() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn new_sequence(
+        &mut self,
+        request_id: RequestId,
+        request: &Request,
+        index: usize,
+        tokens: Vec<u32>,
+        block_table: Vec<u32>,
+        num_computed: usize,
+    ) -> SeqId {
+        let id = self.next_seq;
+        self.next_seq += 1;
+        let prompt_len = request.prompt.len();
+        self.seqs.insert(
+            id,
+            Sequence {
+                id,
+                index,
+                request: request_id,
+                detok: IncrementalDetokenizer::new(
+                    self.shared.tokenizer.clone(),
+                    &request.prompt,
+                    request.skip_special_tokens,
+                ),
+                stop: StopMatcher::new(request.stop.clone()),
+                sampler: Sampler::for_sample(request.sampling.clone(), index),
+                tokens,
+                prompt_len,
+                num_computed,
+                block_hashes: Vec::new(),
+                block_table,
+                status: Status::Waiting,
+                preempted_at_step: None,
+                admitted_at: 0,
+            },
+        );
+        id
+    }
+
+    /// Requests whose stream was dropped end now, and their blocks are freed.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            let seq_ids: Vec<SeqId> = self
+                .seqs
+                .values()
+                .filter(|s| s.request == id)
+                .map(|s| s.id)
+                .collect();
+            for s in seq_ids {
+                self.remove_sequence(s);
+            }
+            self.requests.remove(&id);
+            self.shared
+                .metrics
+                .aborted_requests
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remove_sequence(&mut self, id: SeqId) -> Option<Sequence> {
+        self.scheduler.remove(id);
+        let mut seq = self.seqs.remove(&id)?;
+        self.blocks.release(&mut seq.block_table);
+        Some(seq)
+    }
+
+    fn step(&mut self) {
+        let prefix_caching = self.blocks.prefix_caching();
+        let requests = &self.requests;
+        let plan: Plan = self
+            .scheduler
+            .schedule(&mut self.seqs, &mut self.blocks, |s| {
+                prefix_caching
+                    && requests
+                        .get(&s.request)
+                        .is_some_and(|r| r.prompt_logprobs_sent)
+            });
+        let m = &self.shared.metrics;
+        m.preemptions
+            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        for &(id, hits) in &plan.cache_hits {
+            m.cached_prompt_tokens
+                .fetch_add(hits as u64, Ordering::Relaxed);
+            if let Some(seq) = self.seqs.get(&id) {
+                if seq.num_generated() == 0 {
+                    if let Some(r) = self.requests.get_mut(&seq.request) {
+                        r.cached_tokens = r.cached_tokens.max(hits);
+                    }
+                }
+            }
+        }
+        if plan.items.is_empty() {
+            if !self.scheduler.waiting.is_empty() && self.scheduler.running.is_empty() {
+                // Nothing can run and nothing will free blocks: fail the head of the queue
+                // rather than spin (submit-time checks make this unreachable in practice).
+                if let Some(&id) = self.scheduler.waiting.front() {
+                    self.fail_request_of(id, "the request does not fit in the KV cache");
+                }
+            }
+            return;
+        }
+        let requests = &self.requests;
+        let output = runner::run(
+            &self.shared.model,
+            &self.cache,
+            &self.seqs,
+            &plan.items,
+            |s| {
+                s.index == 0
+                    && requests
+                        .get(&s.request)
+                        .is_some_and(|r| !r.prompt_logprobs_sent)
+            },
+        );
+        m.steps.fetch_add(1, Ordering::Relaxed);
+        let output = match output {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("forward pass failed: {e}");
+                for &(id, _) in &plan.items {
+                    self.fail_request_of(id, "internal error in the forward pass");
+                }
+                return;
+            }
+        };
+        let logits = match output.logits.to_vec2::<f32>() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("reading logits failed: {e}");
+                for &(id, _) in &plan.items {
+                    self.fail_request_of(id, "internal error reading logits");
+                }
+                return;
+            }
+        };
+        for rows in output.rows {
+            self.postprocess(rows, &logits);
+        }
+    }
+
+    fn postprocess(&mut self, rows: SeqRows, logits: &[Vec<f32>]) {
+        let bs = self.blocks.block_size();
+        let Some(seq) = self.seqs.get_mut(&rows.id) else {
+            return;
+        };
+        let prompt_computed = (seq.prompt_len.min(rows.first_pos + rows.chunk))
+            .saturating_sub(rows.first_pos.min(seq.prompt_len));
+        self.shared
+            .metrics
+            .computed_prompt_tokens
+            .fetch_add(prompt_computed as u64, Ordering::Relaxed);
+        seq.num_computed += rows.chunk;
+        for (j, h) in seq.new_full_blocks(bs) {
+            let toks = &seq.tokens[j * bs..(j + 1) * bs];
+            self.blocks.register(seq.block_table[j], h, toks);
+        }
+        let (seq_id, req_id, index, computed) = (seq.id, seq.request, seq.index, seq.num_computed);
+        let prompt_len = seq.prompt_len;
+        let Some(req) = self.requests.get_mut(&req_id) else {
+            return;
+        };
+
+        // Prompt logprobs, gathered chunk by chunk, sent once the prompt is through.
+        if index == 0 && !req.prompt_logprobs_sent {
+            let top_n = req.request.prompt_logprobs.unwrap_or(0);
+            for (k, row) in rows.prompt_rows.clone().enumerate() {
+                let pos = rows.first_pos + k;
+                let target = req.request.prompt[pos + 1];
+                req.prompt_logprobs
+                    .push(Some(token_logprob(&logits[row], target, top_n)));
+            }
+            if computed >= prompt_len {
+                let mut all = vec![None];
+                all.append(&mut req.prompt_logprobs);
+                let _ = req.events.send(Event::PromptLogprobs(all));
+                req.prompt_logprobs_sent = true;
+            }
+        }
+        // Samples 1.. share sample 0's full prompt blocks once they are computed.
+        if index == 0 && !req.forked && computed >= prompt_len {
+            req.forked = true;
+            let request = req.request.clone();
+            self.fork(req_id, seq_id, &request);
+        }
+
+        let Some(row) = rows.sample_row else {
+            return;
+        };
+        self.sample(seq_id, &logits[row]);
+    }
+
+    fn fork(&mut self, req_id: RequestId, parent: SeqId, request: &Request) {
+        let bs = self.blocks.block_size();
+        let shared_blocks: Vec<u32> = match self.seqs.get(&parent) {
+            Some(p) => p.block_table[..(p.prompt_len - 1) / bs].to_vec(),
+            None => return,
+        };
+        for index in 1..request.n {
+            for &b in &shared_blocks {
+                self.blocks.share(b);
+            }
+            let id = self.new_sequence(
+                req_id,
+                request,
+                index,
+                request.prompt.clone(),
+                shared_blocks.clone(),
+                shared_blocks.len() * bs,
+            );
+            self.scheduler.waiting.push_front(id);
+        }
+    }
+
+    fn sample(&mut self, seq_id: SeqId, raw: &[f32]) {
+        match self.sample_one(seq_id, raw) {
+            Ok(Some((reason, matched))) => self.finish(seq_id, reason, matched),
+            Ok(None) => {}
+            Err(msg) => self.fail_request_of(seq_id, &msg),
+        }
+    }
+
+    /// Samples the next token of a sequence and sends it; returns how the sample ends, if
+    /// it does.
+    fn sample_one(
+        &mut self,
+        seq_id: SeqId,
+        raw: &[f32],
+    ) -> Result<Option<(FinishReason, Option<String>)>, String> {
+        let (Some(seq), requests) = (self.seqs.get_mut(&seq_id), &mut self.requests) else {
+            return Ok(None);
+        };
+        let Some(req) = requests.get_mut(&seq.request) else {
+            return Ok(None);
+        };
+        let r = &req.request;
+        if seq.num_generated() >= r.max_tokens {
+            return Ok(Some((FinishReason::Length, None)));
+        }
+        let mut logits = raw.to_vec();
+        apply_penalties(&mut logits, &r.sampling, &r.prompt, seq.output());
+        if seq.num_generated() < r.min_tokens {
+            for &t in &req.stop_ids {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let token = seq.sampler.sample(&logits);
+        let logprob = r.logprobs.map(|n| token_logprob(raw, token, n));
+        seq.tokens.push(token);
+        req.completion_tokens += 1;
+        self.shared
+            .metrics
+            .generation_tokens
+            .fetch_add(1, Ordering::Relaxed);
+        let send = |text: String| {
+            let _ = req.events.send(Event::Token {
+                index: seq.index,
+                token,
+                text,
+                logprob: logprob.clone(),
+            });
+        };
+
+        if req.stop_ids.contains(&token) {
+            // A stop token ends the sample; its own text is not part of the output.
+            send(String::new());
+            return Ok(Some((
+                FinishReason::Stop,
+                self.shared.tokenizer.id_to_token(token),
+            )));
+        }
+        let delta = seq
+            .detok
+            .push(token)
+            .map_err(|e| format!("detokenizing failed: {e}"))?;
+        match seq.stop.push(&delta) {
+            StopOutcome::Stopped { text, stop } => {
+                send(text);
+                let matched = r.stop.get(stop).cloned();
+                // The stop string and anything after it are not part of the output.
+                seq.stop = StopMatcher::new(Vec::new());
+                seq.detok = IncrementalDetokenizer::new(self.shared.tokenizer.clone(), &[], true);
+                Ok(Some((FinishReason::Stop, matched)))
+            }
+            StopOutcome::Continue(text) => {
+                send(text);
+                let at_context_end = seq.tokens.len() >= self.shared.max_context;
+                Ok((seq.num_generated() >= r.max_tokens || at_context_end)
+                    .then_some((FinishReason::Length, None)))
+            }
+        }
+    }
+
+    /// Ends one sample: flushes held-back text, frees its blocks, and ends the request once
+    /// all its samples are done.
+    fn finish(&mut self, seq_id: SeqId, reason: FinishReason, matched_stop: Option<String>) {
+        let Some(mut seq) = self.remove_sequence(seq_id) else {
+            return;
+        };
+        // Text still held back (half a character, or what could have begun a stop string)
+        // belongs to the output, unless it completes a stop string.
+        let held = seq.detok.flush().unwrap_or_default();
+        let text = match seq.stop.push(&held) {
+            StopOutcome::Stopped { text, .. } => text,
+            StopOutcome::Continue(t) => t + &seq.stop.flush(),
+        };
+        let Some(req) = self.requests.get_mut(&seq.request) else {
+            return;
+        };
+        let _ = req.events.send(Event::Finished {
+            index: seq.index,
+            reason,
+            text,
+            matched_stop,
+        });
+        req.live = req.live.saturating_sub(1);
+        if req.live == 0 {
+            let usage = Usage {
+                prompt_tokens: req.request.prompt.len(),
+                completion_tokens: req.completion_tokens,
+                cached_tokens: req.cached_tokens,
+            };
+            let _ = req.events.send(Event::Done(usage));
+            self.requests.remove(&seq.request);
+            self.shared
+                .metrics
+                .finished_requests
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the whole request a sequence belongs to with an error.
+    fn fail_request_of(&mut self, seq_id: SeqId, msg: &str) {
+        let Some(req_id) = self.seqs.get(&seq_id).map(|s| s.request) else {
+            return;
+        };
+        let ids: Vec<SeqId> = self
+            .seqs
+            .values()
+            .filter(|s| s.request == req_id)
+            .map(|s| s.id)
+            .collect();
+        for id in ids {
+            self.remove_sequence(id);
+        }
+        if let Some(req) = self.requests.remove(&req_id) {
+            let _ = req.events.send(Event::Error(msg.to_string()));
+        }
+    }
+
+    /// Publishes the gauges the handle and `/metrics` read.
+    fn publish(&self) {
+        let m = &self.shared.metrics;
+        m.running
+            .store(self.scheduler.running.len() as u64, Ordering::Relaxed);
+        m.waiting
+            .store(self.scheduler.waiting.len() as u64, Ordering::Relaxed);
+        m.free_blocks
+            .store(self.blocks.num_free() as u64, Ordering::Relaxed);
+        m.live_sequences
+            .store(self.seqs.len() as u64, Ordering::Relaxed);
+        m.live_requests
+            .store(self.requests.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Log-probability of `token` under `logits`, with the `top_n` most likely alternatives.
+pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let lp = |t: u32| {
+        logits
+            .get(t as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - lse)
+    };
+    let mut top = Vec::new();
+    if top_n > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let order = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let k = top_n.min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, order);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(order);
+        top = idx.into_iter().map(|t| (t, lp(t))).collect();
+    }
+    TokenLogprob {
+        token,
+        logprob: lp(token),
+        top,
+    }
+}
