@@ -8,4 +8,5 @@ pub mod config;
 pub mod engine;
 pub mod loader;
 pub mod model;
+pub mod server;
 pub mod text;

@@ -12,6 +12,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(cli::serve::ServeArgs),
     /// Generate from a prompt, or chat interactively on a terminal.
     Run(cli::run::RunArgs),
 }
@@ -21,6 +23,7 @@ fn main() -> std::process::ExitCode {
     // Logs go to stderr; `run` keeps quiet unless RUST_LOG asks, so stdout is just the answer.
     let default_level = match args.command {
         Command::Run(_) => "warn",
+        Command::Serve(_) => "info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -30,6 +33,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match args.command {
         Command::Run(a) => cli::run::run(a),
+        Command::Serve(a) => cli::serve::serve(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! The commands: each composes loader → model → engine (→ server). Nothing below calls up here.
 
 pub mod run;
+pub mod serve;
 
 use crate::config::MoeConfig;
 use crate::engine::{Engine, EngineConfig, SchedulerConfig};
