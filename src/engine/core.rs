@@ -209,6 +209,18 @@ impl EngineCore {
         let m = &self.shared.metrics;
         m.preemptions
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        for id in &plan.preempted {
+            // Prompt logprobs gathered so far will be gathered again by the recompute.
+            if let Some(r) = self
+                .seqs
+                .get(id)
+                .and_then(|s| self.requests.get_mut(&s.request))
+            {
+                if !r.prompt_logprobs_sent {
+                    r.prompt_logprobs.clear();
+                }
+            }
+        }
         for &(id, hits) in &plan.cache_hits {
             m.cached_prompt_tokens
                 .fetch_add(hits as u64, Ordering::Relaxed);
@@ -221,12 +233,8 @@ impl EngineCore {
             }
         }
         if plan.items.is_empty() {
-            if !self.scheduler.waiting.is_empty() && self.scheduler.running.is_empty() {
-                // Nothing can run and nothing will free blocks: fail the head of the queue
-                // rather than spin (submit-time checks make this unreachable in practice).
-                if let Some(&id) = self.scheduler.waiting.front() {
-                    self.fail_request_of(id, "the request does not fit in the KV cache");
-                }
+            if plan.preempted.is_empty() && self.scheduler.running.is_empty() {
+                self.unblock_queue();
             }
             return;
         }
@@ -266,6 +274,29 @@ impl EngineCore {
         };
         for rows in output.rows {
             self.postprocess(rows, &logits);
+        }
+    }
+
+    /// Nothing runs and the head of the queue cannot be admitted. Blocks held by waiting
+    /// sequences (forked samples) are the only thing that can be in its way: free them (those
+    /// samples recompute later). If none are held, the request can never fit: fail it rather
+    /// than spin (submit-time checks make that unreachable in practice).
+    fn unblock_queue(&mut self) {
+        let Some(&head) = self.scheduler.waiting.front() else {
+            return;
+        };
+        let mut freed = false;
+        for &id in self.scheduler.waiting.iter().skip(1) {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                if !seq.block_table.is_empty() {
+                    self.blocks.release(&mut seq.block_table);
+                    seq.reset_computed();
+                    freed = true;
+                }
+            }
+        }
+        if !freed {
+            self.fail_request_of(head, "the request does not fit in the KV cache");
         }
     }
 

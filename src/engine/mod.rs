@@ -266,6 +266,14 @@ impl Engine {
         Ok(RequestStream { rx })
     }
 
+    /// False once the engine thread has stopped (after a shutdown, or if it died).
+    pub fn is_alive(&self) -> bool {
+        self.thread
+            .lock()
+            .map(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+            .unwrap_or(false)
+    }
+
     /// Lets in-flight requests finish, then stops the engine thread.
     pub fn shutdown(&self) {
         if let Ok(tx) = self.commands.lock() {

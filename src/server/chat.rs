@@ -91,6 +91,7 @@ pub async fn chat_completions(
         max_tokens,
         logprobs,
         None,
+        "top_logprobs",
         &limits,
     )?;
     let n = request.n;

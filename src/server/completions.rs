@@ -59,6 +59,7 @@ pub async fn completions(
             max_tokens,
             req.logprobs,
             prompt_logprobs,
+            "logprobs",
             &limits,
         )?);
     }

@@ -157,7 +157,8 @@ async fn models(State(app): State<Arc<AppState>>) -> Result<Json<openai::ModelLi
 
 async fn health(State(app): State<Arc<AppState>>) -> Response {
     match app.engine.get() {
-        Some(_) => (StatusCode::OK, "ok").into_response(),
+        Some(e) if e.is_alive() => (StatusCode::OK, "ok").into_response(),
+        Some(_) => ApiError::unavailable("the engine has stopped").into_response(),
         None => ApiError::unavailable("the model is still loading").into_response(),
     }
 }

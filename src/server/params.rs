@@ -28,6 +28,7 @@ pub fn build_request(
     max_tokens: usize,
     logprobs: Option<usize>,
     prompt_logprobs: Option<usize>,
+    logprobs_param: &str,
     limits: &Limits,
 ) -> Result<Request, ApiError> {
     let temperature = p.temperature.unwrap_or(1.0);
@@ -70,13 +71,13 @@ pub fn build_request(
         "n",
         &format!("must be between 1 and {MAX_N}"),
     )?;
-    for (name, v) in [("logprobs", logprobs), ("top_logprobs", prompt_logprobs)] {
-        check(
-            v.is_none_or(|v| v <= MAX_LOGPROBS),
-            name,
-            &format!("must be at most {MAX_LOGPROBS}"),
-        )?;
-    }
+    // Chat's alternatives come from `top_logprobs`; prompt logprobs follow `logprobs` (echo).
+    check(
+        logprobs.is_none_or(|v| v <= MAX_LOGPROBS)
+            && prompt_logprobs.is_none_or(|v| v <= MAX_LOGPROBS),
+        logprobs_param,
+        &format!("must be at most {MAX_LOGPROBS}"),
+    )?;
     let stop = p
         .stop
         .as_ref()
