@@ -10,3 +10,15 @@ pub mod loader;
 pub mod model;
 pub mod server;
 pub mod text;
+
+/// Pins candle's CPU thread count once per process.
+///
+/// candle asks for it on every matrix product and, unless `RAYON_NUM_THREADS` is set, works it
+/// out by reading `/proc/cpuinfo`: on the tiny models that was most of a decode step's time.
+/// Call at start-up, before other threads exist.
+pub fn init_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}

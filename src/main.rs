@@ -19,6 +19,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    mixserve::init_cpu_threads();
     let args = Cli::parse();
     // Logs go to stderr; `run` keeps quiet unless RUST_LOG asks, so stdout is just the answer.
     let default_level = match args.command {

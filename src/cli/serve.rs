@@ -16,10 +16,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
 
+    /// Port to listen on.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
 
-    /// The model id clients use; defaults to the repo id or directory name.
+    /// The model id clients use; defaults to --model as given.
     #[arg(long)]
     pub served_model_name: Option<String>,
 

@@ -7,8 +7,11 @@ pub enum DTypeArg {
     /// The checkpoint's `torch_dtype` on a GPU, f32 on CPU.
     #[default]
     Auto,
+    /// 32-bit float: exact parity with the reference, the CPU default.
     F32,
+    /// bfloat16: half the memory; residual stream, norms and LM head stay f32.
     Bf16,
+    /// float16.
     F16,
 }
 
