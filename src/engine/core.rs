@@ -95,9 +95,12 @@ impl EngineCore {
     fn add_request(
         &mut self,
         id: RequestId,
-        request: Request,
+        mut request: Request,
         events: tokio::sync::mpsc::UnboundedSender<Event>,
     ) {
+        // An empty stop string matches nothing; dropping it here keeps the matcher's indices
+        // and the request's list the same.
+        request.stop.retain(|s| !s.is_empty());
         let mut stop_ids = request.stop_token_ids.clone();
         if !request.ignore_eos {
             stop_ids.extend(&self.shared.eos_token_ids);
@@ -277,25 +280,11 @@ impl EngineCore {
         }
     }
 
-    /// Nothing runs and the head of the queue cannot be admitted. Blocks held by waiting
-    /// sequences (forked samples) are the only thing that can be in its way: free them (those
-    /// samples recompute later). If none are held, the request can never fit: fail it rather
-    /// than spin (submit-time checks make that unreachable in practice).
+    /// Nothing runs and the head of the queue cannot be admitted: with submit-time checks and
+    /// no blocks held by waiting sequences this cannot happen, but fail the request rather
+    /// than spin if it ever does.
     fn unblock_queue(&mut self) {
-        let Some(&head) = self.scheduler.waiting.front() else {
-            return;
-        };
-        let mut freed = false;
-        for &id in self.scheduler.waiting.iter().skip(1) {
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                if !seq.block_table.is_empty() {
-                    self.blocks.release(&mut seq.block_table);
-                    seq.reset_computed();
-                    freed = true;
-                }
-            }
-        }
-        if !freed {
+        if let Some(&head) = self.scheduler.waiting.front() {
             self.fail_request_of(head, "the request does not fit in the KV cache");
         }
     }
@@ -351,6 +340,10 @@ impl EngineCore {
         self.sample(seq_id, &logits[row]);
     }
 
+    /// Creates samples 1.. of a request. Those that fit in the running set start right away,
+    /// sharing sample 0's full prompt blocks; the others queue without blocks (to be
+    /// recomputed, or found in the prefix cache). No waiting sequence ever holds blocks, so
+    /// nothing idle can stand in the way of one that runs.
     fn fork(&mut self, req_id: RequestId, parent: SeqId, request: &Request) {
         let bs = self.blocks.block_size();
         let shared_blocks: Vec<u32> = match self.seqs.get(&parent) {
@@ -358,18 +351,27 @@ impl EngineCore {
             None => return,
         };
         for index in 1..request.n {
-            for &b in &shared_blocks {
-                self.blocks.share(b);
-            }
+            let runs = self.scheduler.has_room();
+            let (table, computed) = if runs {
+                for &b in &shared_blocks {
+                    self.blocks.share(b);
+                }
+                (shared_blocks.clone(), shared_blocks.len() * bs)
+            } else {
+                (Vec::new(), 0)
+            };
             let id = self.new_sequence(
                 req_id,
                 request,
                 index,
                 request.prompt.clone(),
-                shared_blocks.clone(),
-                shared_blocks.len() * bs,
+                table,
+                computed,
             );
-            self.scheduler.waiting.push_front(id);
+            match self.seqs.get_mut(&id) {
+                Some(seq) if runs => self.scheduler.admit(seq),
+                _ => self.scheduler.waiting.push_front(id),
+            }
         }
     }
 

@@ -58,6 +58,19 @@ impl Scheduler {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
+    /// Whether another sequence may run now.
+    pub fn has_room(&self) -> bool {
+        self.running.len() < self.config.max_num_seqs
+    }
+
+    /// Puts a sequence that already holds its blocks straight into the running set.
+    pub fn admit(&mut self, seq: &mut Sequence) {
+        seq.status = Status::Running;
+        self.admissions += 1;
+        seq.admitted_at = self.admissions;
+        self.running.push(seq.id);
+    }
+
     /// Removes a sequence from whichever queue holds it.
     pub fn remove(&mut self, id: SeqId) {
         self.waiting.retain(|&s| s != id);
@@ -126,10 +139,14 @@ impl Scheduler {
             if seq.num_computed == 0 && seq.block_table.is_empty() && can_use_prefix_cache(seq) {
                 hits = Self::match_prefix(seq, blocks);
             }
+            // Admit only what can be prefilled to the end with the blocks free now: a prompt
+            // let in on its first chunk alone gets preempted and recomputed over and over.
             let chunk = seq.remaining().min(budget);
-            if blocks
-                .grow(&mut seq.block_table, seq.num_computed + chunk)
-                .is_err()
+            let fits = blocks.can_grow(&seq.block_table, seq.tokens.len());
+            if !fits
+                || blocks
+                    .grow(&mut seq.block_table, seq.num_computed + chunk)
+                    .is_err()
             {
                 // Undo the prefix hits: the blocks go back to the cache untouched.
                 if hits > 0 {
@@ -142,10 +159,7 @@ impl Scheduler {
                 plan.cache_hits.push((id, hits));
             }
             self.waiting.pop_front();
-            seq.status = Status::Running;
-            self.admissions += 1;
-            seq.admitted_at = self.admissions;
-            self.running.push(id);
+            self.admit(seq);
             plan.items.push((id, chunk));
             budget -= chunk;
         }
