@@ -21,7 +21,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def server():
-    binary = os.environ.get("MIXSERVE_BIN", str(ROOT / "target" / "debug" / "mixserve"))
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    binary = os.environ.get("MIXSERVE_BIN", str(target / "debug" / "mixserve"))
     port = free_port()
     proc = subprocess.Popen(
         [
