@@ -174,21 +174,26 @@ impl EngineCore {
             .map(|(&id, _)| id)
             .collect();
         for id in gone {
-            let seq_ids: Vec<SeqId> = self
-                .seqs
-                .values()
-                .filter(|s| s.request == id)
-                .map(|s| s.id)
-                .collect();
-            for s in seq_ids {
-                self.remove_sequence(s);
-            }
-            self.requests.remove(&id);
+            self.remove_request(id);
             self.shared
                 .metrics
                 .aborted_requests
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Removes a request and every sample of it, freeing their blocks.
+    fn remove_request(&mut self, id: RequestId) -> Option<RequestState> {
+        let seq_ids: Vec<SeqId> = self
+            .seqs
+            .values()
+            .filter(|s| s.request == id)
+            .map(|s| s.id)
+            .collect();
+        for s in seq_ids {
+            self.remove_sequence(s);
+        }
+        self.requests.remove(&id)
     }
 
     fn remove_sequence(&mut self, id: SeqId) -> Option<Sequence> {
@@ -499,16 +504,7 @@ impl EngineCore {
         let Some(req_id) = self.seqs.get(&seq_id).map(|s| s.request) else {
             return;
         };
-        let ids: Vec<SeqId> = self
-            .seqs
-            .values()
-            .filter(|s| s.request == req_id)
-            .map(|s| s.id)
-            .collect();
-        for id in ids {
-            self.remove_sequence(id);
-        }
-        if let Some(req) = self.requests.remove(&req_id) {
+        if let Some(req) = self.remove_request(req_id) {
             let _ = req.events.send(Event::Error(msg.to_string()));
         }
     }

@@ -4,24 +4,12 @@
 use super::attention::{Attention, QkvProj};
 use super::layers::{Linear, Norm};
 use super::moe::{Expert, MoeBlock};
-use super::{DecoderLayer, Globals, ModelError};
+use super::{DecoderLayer, ModelError};
 use crate::config::MoeConfig;
 use crate::loader::WeightSource;
 
-pub(super) fn load_globals(cfg: &MoeConfig, w: &WeightSource) -> Result<Globals, ModelError> {
-    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-    let embed = w.get("transformer.wte.weight", &[v, h])?;
-    let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
-        embed.clone()
-    } else {
-        w.get("lm_head.weight", &[v, h])?
-    };
-    Ok(Globals {
-        embed,
-        final_norm: Norm::new(cfg.norm, w.get("transformer.norm_f.weight", &[h])?)?,
-        lm_head: Linear::new(super::lm_head_f32(lm_head)?),
-    })
-}
+pub(super) const EMBED: &str = "transformer.wte.weight";
+pub(super) const FINAL_NORM: &str = "transformer.norm_f.weight";
 
 pub(super) fn load_layer(
     cfg: &MoeConfig,

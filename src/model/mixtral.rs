@@ -3,24 +3,12 @@
 use super::attention::{Attention, QkvProj};
 use super::layers::{Linear, Norm};
 use super::moe::{Expert, MoeBlock};
-use super::{DecoderLayer, Globals, ModelError};
+use super::{DecoderLayer, ModelError};
 use crate::config::MoeConfig;
 use crate::loader::WeightSource;
 
-pub(super) fn load_globals(cfg: &MoeConfig, w: &WeightSource) -> Result<Globals, ModelError> {
-    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-    let embed = w.get("model.embed_tokens.weight", &[v, h])?;
-    let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
-        embed.clone()
-    } else {
-        w.get("lm_head.weight", &[v, h])?
-    };
-    Ok(Globals {
-        embed,
-        final_norm: Norm::new(cfg.norm, w.get("model.norm.weight", &[h])?)?,
-        lm_head: Linear::new(super::lm_head_f32(lm_head)?),
-    })
-}
+pub(super) const EMBED: &str = "model.embed_tokens.weight";
+pub(super) const FINAL_NORM: &str = "model.norm.weight";
 
 pub(super) fn load_layer(
     cfg: &MoeConfig,

@@ -55,6 +55,30 @@ fn lm_head_f32(weight: Tensor) -> candle_core::Result<Tensor> {
     weight.to_dtype(DType::F32)
 }
 
+impl Globals {
+    /// Embeddings, final norm and LM head (tied to the embeddings when the config says so and
+    /// the checkpoint has no `lm_head.weight`).
+    fn load(
+        cfg: &MoeConfig,
+        w: &WeightSource,
+        embed_name: &str,
+        norm_name: &str,
+    ) -> Result<Self, ModelError> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = w.get(embed_name, &[v, h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            w.get("lm_head.weight", &[v, h])?
+        };
+        Ok(Self {
+            embed,
+            final_norm: Norm::new(cfg.norm, w.get(norm_name, &[h])?)?,
+            lm_head: Linear::new(lm_head_f32(lm_head)?),
+        })
+    }
+}
+
 pub struct MoeModel {
     cfg: MoeConfig,
     embed: Tensor,
@@ -69,8 +93,8 @@ impl MoeModel {
     /// the config, so a config that disagrees with the weights fails here, naming the tensor.
     pub fn load(cfg: &MoeConfig, weights: &WeightSource) -> Result<Self, ModelError> {
         let globals = match cfg.family {
-            Family::Mixtral => mixtral::load_globals(cfg, weights)?,
-            Family::Dbrx => dbrx::load_globals(cfg, weights)?,
+            Family::Mixtral => Globals::load(cfg, weights, mixtral::EMBED, mixtral::FINAL_NORM)?,
+            Family::Dbrx => Globals::load(cfg, weights, dbrx::EMBED, dbrx::FINAL_NORM)?,
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {

@@ -133,14 +133,13 @@ pub async fn chat_completions(
             finish_reason: c.finish.map(|f| f.as_str()),
         })
         .collect();
-    let u = collected.usage;
     Ok(axum::Json(ChatResponse {
         id: ctx.id,
         object: "chat.completion",
         created: ctx.created,
         model: ctx.model,
         choices,
-        usage: UsageOut::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+        usage: UsageOut::from(collected.usage),
     })
     .into_response())
 }
@@ -347,11 +346,7 @@ impl ChunkWriter for Writer {
             created: self.ctx.created,
             model: self.ctx.model.clone(),
             choices: Vec::new(),
-            usage: Some(UsageOut::new(
-                u.prompt_tokens,
-                u.completion_tokens,
-                u.cached_tokens,
-            )),
+            usage: Some(UsageOut::from(u)),
         })
         .unwrap_or_default()]
     }

@@ -113,18 +113,13 @@ pub async fn completions(
             finish_reason: c.finish.map(|f| f.as_str()),
         });
     }
-    let u = collected.usage;
     Ok(axum::Json(CompletionResponse {
         id: ctx.id,
         object: "text_completion",
         created: ctx.created,
         model: ctx.model,
         choices,
-        usage: Some(UsageOut::new(
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.cached_tokens,
-        )),
+        usage: Some(UsageOut::from(collected.usage)),
     })
     .into_response())
 }
@@ -314,11 +309,7 @@ impl ChunkWriter for Writer {
             created: self.ctx.created,
             model: self.ctx.model.clone(),
             choices: Vec::new(),
-            usage: Some(UsageOut::new(
-                u.prompt_tokens,
-                u.completion_tokens,
-                u.cached_tokens,
-            )),
+            usage: Some(UsageOut::from(u)),
         };
         vec![serde_json::to_string(&resp).unwrap_or_default()]
     }

@@ -150,6 +150,12 @@ impl UsageOut {
     }
 }
 
+impl From<crate::engine::Usage> for UsageOut {
+    fn from(u: crate::engine::Usage) -> Self {
+        Self::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+    }
+}
+
 /// Completions' `logprobs` object.
 #[derive(Debug, Serialize, Default, Clone)]
 pub struct CompletionLogprobs {
