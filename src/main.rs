@@ -16,6 +16,8 @@ enum Command {
     Serve(cli::serve::ServeArgs),
     /// Generate from a prompt, or chat interactively on a terminal.
     Run(cli::run::RunArgs),
+    /// Measure prefill and decode throughput against the memory-bandwidth roofline.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -23,7 +25,7 @@ fn main() -> std::process::ExitCode {
     let args = Cli::parse();
     // Logs go to stderr; `run` keeps quiet unless RUST_LOG asks, so stdout is just the answer.
     let default_level = match args.command {
-        Command::Run(_) => "warn",
+        Command::Run(_) | Command::Bench(_) => "warn",
         Command::Serve(_) => "info",
     };
     tracing_subscriber::fmt()
@@ -35,6 +37,7 @@ fn main() -> std::process::ExitCode {
     let result = match args.command {
         Command::Run(a) => cli::run::run(a),
         Command::Serve(a) => cli::serve::serve(a),
+        Command::Bench(a) => cli::bench::bench(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,7 +1,9 @@
 //! The commands: each composes loader → model → engine (→ server). Nothing below calls up here.
 
+pub mod bench;
 pub mod run;
 pub mod serve;
+pub mod synthetic;
 
 use crate::config::MoeConfig;
 use crate::engine::{Engine, EngineConfig, SchedulerConfig};

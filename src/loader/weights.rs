@@ -2,6 +2,9 @@
 //!
 //! Each tensor is converted straight from the mapped bytes to the compute dtype on the target
 //! device, so the checkpoint is never held twice. Errors name the file and the tensor.
+//!
+//! Tensors already in memory (the synthetic benchmark model) go through the same checks, so
+//! the model builds from either source unchanged.
 
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -58,10 +61,23 @@ struct Shard {
     mmap: Mmap,
 }
 
+/// Where the bytes come from.
+enum Store {
+    /// Memory-mapped safetensors files.
+    Mapped {
+        shards: Vec<Shard>,
+        tensors: HashMap<String, TensorInfo>,
+    },
+    /// Tensors built in memory; rows are sliced with `narrow`, sharing their storage.
+    Memory(HashMap<String, Tensor>),
+}
+
+/// Stands for the file name in the errors of an in-memory source.
+const IN_MEMORY: &str = "<in-memory tensors>";
+
 /// All tensors of a checkpoint, mapped, converted on demand to `dtype` on `device`.
 pub struct WeightSource {
-    shards: Vec<Shard>,
-    tensors: HashMap<String, TensorInfo>,
+    store: Store,
     device: Device,
     dtype: DType,
     progress: ProgressBar,
@@ -134,11 +150,35 @@ impl WeightSource {
             ProgressBar::hidden()
         };
         Ok(Self {
-            shards,
-            tensors,
+            store: Store::Mapped { shards, tensors },
             device: device.clone(),
             dtype,
             progress,
+        })
+    }
+
+    /// A source over tensors already in memory (e.g. a synthetic model), with the same checks
+    /// and errors as a checkpoint; like a checkpoint it holds only bf16, f16 and f32 tensors.
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, WeightError> {
+        if let Some((name, t)) = tensors
+            .iter()
+            .find(|(_, t)| !matches!(t.dtype(), DType::BF16 | DType::F16 | DType::F32))
+        {
+            return Err(WeightError::Dtype {
+                name: name.clone(),
+                path: IN_MEMORY.into(),
+                dtype: format!("{:?}", t.dtype()),
+            });
+        }
+        Ok(Self {
+            store: Store::Memory(tensors),
+            device: device.clone(),
+            dtype,
+            progress: ProgressBar::hidden(),
         })
     }
 
@@ -151,12 +191,18 @@ impl WeightSource {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        match &self.store {
+            Store::Mapped { tensors, .. } => tensors.contains_key(name),
+            Store::Memory(tensors) => tensors.contains_key(name),
+        }
     }
 
     /// The stored shape of a tensor, if present.
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|t| t.shape.as_slice())
+        match &self.store {
+            Store::Mapped { tensors, .. } => tensors.get(name).map(|t| t.shape.as_slice()),
+            Store::Memory(tensors) => tensors.get(name).map(|t| t.dims()),
+        }
     }
 
     /// Loads a whole tensor, checking its shape against what the config implies.
@@ -196,11 +242,19 @@ impl WeightSource {
         rows: usize,
         dtype: DType,
     ) -> Result<Tensor, WeightError> {
-        let info = self.tensors.get(name).ok_or_else(|| WeightError::Missing {
+        let missing = || WeightError::Missing {
             name: name.to_string(),
             files: self.file_list(),
-        })?;
-        let shard = &self.shards[info.shard];
+        };
+        let (shards, tensors) = match &self.store {
+            Store::Mapped { shards, tensors } => (shards, tensors),
+            Store::Memory(tensors) => {
+                let t = tensors.get(name).ok_or_else(missing)?;
+                return self.load_memory(name, t, shape, row_start, rows, dtype);
+            }
+        };
+        let info = tensors.get(name).ok_or_else(missing)?;
+        let shard = &shards[info.shard];
         let path = shard.path.display().to_string();
         if info.shape != shape {
             return Err(WeightError::Shape {
@@ -242,16 +296,127 @@ impl WeightSource {
         Ok(t)
     }
 
+    /// [`load`](Self::load) for an in-memory tensor: same checks, rows sliced with `narrow`.
+    fn load_memory(
+        &self,
+        name: &str,
+        t: &Tensor,
+        shape: &[usize],
+        row_start: usize,
+        rows: usize,
+        dtype: DType,
+    ) -> Result<Tensor, WeightError> {
+        let shape_err = |expected: Vec<usize>| WeightError::Shape {
+            name: name.to_string(),
+            path: IN_MEMORY.into(),
+            expected,
+            found: t.dims().to_vec(),
+        };
+        if t.dims() != shape {
+            return Err(shape_err(shape.to_vec()));
+        }
+        let total_rows = shape.first().copied().unwrap_or(1);
+        if row_start + rows > total_rows {
+            return Err(shape_err(vec![row_start + rows]));
+        }
+        let candle_err = |source| WeightError::Candle {
+            name: name.to_string(),
+            path: IN_MEMORY.into(),
+            source: Box::new(source),
+        };
+        // A scalar has no dim 0 to slice: it is taken whole, as the mapped path does.
+        let sliced = if shape.is_empty() {
+            Ok(t.clone())
+        } else {
+            t.narrow(0, row_start, rows)
+        };
+        // `contiguous` copies only a tensor handed in strided; the mapped path always returns
+        // contiguous tensors, and a row slice of a contiguous one stays contiguous.
+        sliced
+            .and_then(|t| t.contiguous())
+            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| t.to_device(&self.device))
+            .map_err(candle_err)
+    }
+
     fn file_list(&self) -> String {
-        self.shards
-            .iter()
-            .map(|s| s.path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        match &self.store {
+            Store::Mapped { shards, .. } => shards
+                .iter()
+                .map(|s| s.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            Store::Memory(_) => IN_MEMORY.into(),
+        }
     }
 
     /// Clears the progress bar once the model is built.
     pub fn finish(&self) {
         self.progress.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> HashMap<String, Tensor> {
+        let a = Tensor::arange(0f32, 12., &Device::Cpu)
+            .and_then(|t| t.reshape((4, 3)))
+            .unwrap();
+        let b = Tensor::new(&[1.5f32, -2.0], &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .unwrap();
+        HashMap::from([("a".to_string(), a), ("b".to_string(), b)])
+    }
+
+    /// The in-memory source answers exactly as the mapped one does for the same tensors.
+    #[test]
+    fn in_memory_source_matches_the_mapped_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&tensors(), &path).unwrap();
+        let mapped = WeightSource::open(&[path], &Device::Cpu, DType::F32).unwrap();
+        let memory = WeightSource::from_tensors(tensors(), &Device::Cpu, DType::F32).unwrap();
+        for w in [&mapped, &memory] {
+            assert!(w.contains("a") && !w.contains("c"));
+            assert_eq!(w.shape_of("a"), Some(&[4usize, 3][..]));
+            let a = w.get("a", &[4, 3]).unwrap();
+            assert_eq!(a.to_vec2::<f32>().unwrap()[3], vec![9., 10., 11.]);
+            let rows = w.get_rows("a", &[4, 3], 1, 2).unwrap();
+            assert_eq!(
+                rows.to_vec2::<f32>().unwrap(),
+                vec![vec![3., 4., 5.], vec![6., 7., 8.]]
+            );
+            let b = w.get("b", &[2]).unwrap();
+            assert_eq!(b.dtype(), DType::F32);
+            assert_eq!(b.to_vec1::<f32>().unwrap(), vec![1.5, -2.0]);
+            let b = w.get_dtype("b", &[2], DType::BF16).unwrap();
+            assert_eq!(b.dtype(), DType::BF16);
+
+            let err = w.get("c", &[1]).unwrap_err();
+            assert!(matches!(&err, WeightError::Missing { name, .. } if name == "c"));
+            let err = w.get("a", &[3, 4]).unwrap_err();
+            assert!(
+                matches!(&err, WeightError::Shape { name, found, .. } if name == "a" && found == &[4, 3]),
+                "{err}"
+            );
+            assert!(err.to_string().contains("tensor a "), "{err}");
+            let err = w.get_rows("a", &[4, 3], 3, 2).unwrap_err();
+            assert!(matches!(err, WeightError::Shape { .. }));
+        }
+    }
+
+    #[test]
+    fn in_memory_source_refuses_non_float_tensors() {
+        let ids = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+        let err = WeightSource::from_tensors(
+            HashMap::from([("ids".to_string(), ids)]),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, WeightError::Dtype { name, .. } if name == "ids"));
     }
 }

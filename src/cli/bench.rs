@@ -1,0 +1,616 @@
+//! `mixserve bench`: prefill and decode throughput through the real engine, next to what the
+//! machine's memory bandwidth allows (the roofline of a memory-bound decode step).
+//!
+//! Decode on CPU reads every weight it uses once per step, whatever the batch, so the ceiling
+//! on tokens/s is `batch × bandwidth / bytes read per step`; how close the engine gets says
+//! whether time goes to memory traffic or to overhead.
+
+use super::synthetic::{self, splitmix64, SyntheticKind};
+use super::{parse_bytes, parse_device, EngineArgs, ModelArgs};
+use crate::config::MoeConfig;
+use crate::engine::{Engine, Event, Request};
+use crate::loader::{select_dtype, DTypeArg, WeightSource};
+use crate::model::MoeModel;
+use crate::text::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The model `--model` defaults to, as for the other commands.
+const DEFAULT_MODEL: &str = "models/tiny-mixtral";
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A local model directory or a hub repo id (default: models/tiny-mixtral).
+    #[arg(long, short = 'm', conflicts_with = "synthetic")]
+    pub model: Option<String>,
+
+    /// Benchmark a full-size model with random weights (≈0.79 B parameters) instead.
+    #[arg(long, value_enum)]
+    pub synthetic: Option<SyntheticKind>,
+
+    /// Seed of the synthetic weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Also write the synthetic model to this directory as a hub-layout checkpoint.
+    #[arg(long, requires = "synthetic")]
+    pub save: Option<PathBuf>,
+
+    /// Where the synthetic model's tokenizer files come from (a 32,000-token vocabulary).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub tokenizer_from: PathBuf,
+
+    /// Compute dtypes to measure, each in turn (repeatable or comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    pub dtype: Vec<DTypeArg>,
+
+    /// Device: cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Override the number of experts each token is routed to.
+    #[arg(long)]
+    pub experts_per_token: Option<usize>,
+
+    /// Numbers of concurrent requests for the decode measurement (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub concurrency: Vec<usize>,
+
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+
+    /// Tokens each decode request generates.
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+
+    /// Prompt length of each decode request (short, distinct per request).
+    #[arg(long, default_value_t = 16)]
+    pub decode_prompt_tokens: usize,
+
+    /// Buffer streamed to measure memory bandwidth; must be well beyond the caches.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub bandwidth_buffer: u64,
+
+    /// Write one JSON object per line per configuration to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// `--kv-cache-memory` is the most the KV cache may take; the benchmark allocates only
+    /// what its largest concurrency needs.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// One row of results: a dtype at one concurrency.
+#[derive(Debug, Clone)]
+struct Row {
+    dtype: DType,
+    concurrency: usize,
+    prefill_tok_s: f64,
+    prefill_ttft_s: f64,
+    ttft_s: f64,
+    decode_tok_s: f64,
+    roofline: Roofline,
+    roofline_tok_s: f64,
+    peak_rss_mb: Option<f64>,
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    validate(&args)?;
+    let device = parse_device(&args.device)?;
+    let mut json = match &args.json {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
+    if let (Some(kind), Some(dir)) = (args.synthetic, &args.save) {
+        eprintln!("generating {} (seed {}) to save it", kind.name(), args.seed);
+        let (_, tensors) = synthetic::synthetic(kind, args.seed)?;
+        synthetic::save(dir, kind, kind.full_dims(), &tensors, &args.tokenizer_from)?;
+        eprintln!("saved {} to {}", kind.name(), dir.display());
+    }
+
+    // Before any model is loaded, so the buffer neither competes with it nor counts in its RSS.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bandwidth = memory_bandwidth(args.bandwidth_buffer, threads)?;
+    println!(
+        "memory read bandwidth: {:.1} GB/s ({} streamed by {threads} threads, best of 3)",
+        bandwidth / 1e9,
+        bytesize::ByteSize(args.bandwidth_buffer)
+    );
+
+    let mut prompt_seed = 0u64;
+    let mut header_done = false;
+    for &dtype_arg in &args.dtype {
+        // The load's own peak, not the bandwidth buffer's or the previous dtype's.
+        let can_reset = reset_peak_rss();
+        let (name, model, tokenizer) = load(&args, dtype_arg, &device)?;
+        let load_peak = rss_mb("VmHWM").filter(|_| can_reset);
+        if !header_done {
+            print_header(&name, model.config(), &args, load_peak);
+            header_done = true;
+        }
+        let dtype = model.dtype();
+        let cfg = model.config().clone();
+        let mut config = args.engine.config(&model)?;
+        config.num_blocks = kv_blocks(&args, &model, config.block_size)?;
+        config.max_waiting = None;
+        let engine = Engine::start(model, tokenizer, config)?;
+        let mut next_prompt = |len: usize| {
+            prompt_seed += 1;
+            prompt(cfg.vocab_size, len, prompt_seed)
+        };
+
+        // Warm-up: first-call allocations and thread pools are not what is measured.
+        run_batch(&engine, vec![next_prompt(args.decode_prompt_tokens)], 4)?;
+
+        let t = run_batch(&engine, vec![next_prompt(args.prompt_tokens)], 1)?;
+        let prefill_ttft_s = t[0][0];
+        let prefill_tok_s = args.prompt_tokens as f64 / prefill_ttft_s;
+
+        for &c in &args.concurrency {
+            let can_reset = reset_peak_rss();
+            let prompts = (0..c)
+                .map(|_| next_prompt(args.decode_prompt_tokens))
+                .collect();
+            let times = run_batch(&engine, prompts, args.decode_tokens)?;
+            let s = summarize(&times)
+                .with_context(|| format!("concurrency {c}: too few tokens to time decoding"))?;
+            // Mean context over the decode steps: the prompt, then half the new tokens.
+            let avg_context = (args.decode_prompt_tokens + 1) as f64
+                + (args.decode_tokens.saturating_sub(1)) as f64 / 2.0;
+            let roofline = Roofline::new(&cfg, dtype, c, avg_context);
+            let row = Row {
+                dtype,
+                concurrency: c,
+                prefill_tok_s,
+                prefill_ttft_s,
+                ttft_s: s.mean_ttft_s,
+                decode_tok_s: s.decode_tok_s,
+                roofline_tok_s: c as f64 * bandwidth / roofline.bytes_per_step,
+                roofline,
+                peak_rss_mb: rss_mb("VmHWM").filter(|_| can_reset),
+            };
+            print_row(&row);
+            if let Some(out) = json.as_mut() {
+                let line = json_line(&name, &row, bandwidth, load_peak);
+                writeln!(out, "{line}")
+                    .and_then(|_| out.flush())
+                    .context("writing the --json file")?;
+            }
+        }
+        engine.shutdown();
+    }
+    Ok(())
+}
+
+fn validate(args: &BenchArgs) -> Result<()> {
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        bail!("--concurrency needs numbers of at least 1");
+    }
+    if args.dtype.is_empty() {
+        bail!("--dtype needs at least one dtype");
+    }
+    if args.prompt_tokens == 0 || args.decode_prompt_tokens == 0 {
+        bail!("--prompt-tokens and --decode-prompt-tokens must be at least 1");
+    }
+    if args.decode_tokens < 2 {
+        bail!("--decode-tokens must be at least 2: decode is timed from the first token on");
+    }
+    let tokenizer = args.tokenizer_from.join("tokenizer.json");
+    if args.synthetic.is_some() && !tokenizer.is_file() {
+        bail!(
+            "--tokenizer-from: {} not found (the synthetic model borrows a 32,000-token \
+             tokenizer; run from the repository root or pass --tokenizer-from DIR)",
+            tokenizer.display()
+        );
+    }
+    if args.bandwidth_buffer < 1 << 20 {
+        bail!("--bandwidth-buffer must be at least 1MiB (and far larger than the caches)");
+    }
+    Ok(())
+}
+
+/// Loads the model in one dtype: the synthetic one is generated afresh each time, so the
+/// previous dtype's copy is gone and no bf16 original lingers beside an f32 model.
+fn load(
+    args: &BenchArgs,
+    dtype_arg: DTypeArg,
+    device: &Device,
+) -> Result<(String, MoeModel, Tokenizer)> {
+    let Some(kind) = args.synthetic else {
+        let model_args = ModelArgs {
+            model: args
+                .model
+                .clone()
+                .unwrap_or_else(|| DEFAULT_MODEL.to_string()),
+            dtype: dtype_arg,
+            device: args.device.clone(),
+            experts_per_token: args.experts_per_token,
+            chat_template: None,
+            engine: args.engine.clone(),
+        };
+        let loaded = model_args.load()?;
+        return Ok((loaded.files.name, loaded.model, loaded.tokenizer));
+    };
+    // The tokenizer first: a wrong path should fail before seconds of weight generation.
+    let dir = &args.tokenizer_from;
+    let optional = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
+    let tokenizer = Tokenizer::from_files(
+        &dir.join("tokenizer.json"),
+        optional("tokenizer_config.json").as_deref(),
+        optional("generation_config.json").as_deref(),
+    )
+    .with_context(|| format!("loading the tokenizer from {}", dir.display()))?;
+    let t0 = Instant::now();
+    let (mut cfg, tensors) = synthetic::synthetic(kind, args.seed)?;
+    if let Some(k) = args.experts_per_token {
+        cfg = cfg.with_experts_per_token(k)?;
+    }
+    let dtype = select_dtype(dtype_arg, cfg.torch_dtype.as_deref(), device);
+    let weights = WeightSource::from_tensors(tensors, device, dtype)?;
+    let model =
+        MoeModel::load(&cfg, &weights).with_context(|| format!("building {}", kind.name()))?;
+    drop(weights);
+    eprintln!(
+        "{}: generated and loaded in {:.1}s ({})",
+        kind.name(),
+        t0.elapsed().as_secs_f64(),
+        dtype.as_str()
+    );
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        bail!(
+            "the tokenizer of {} has {} tokens, more than the synthetic model's {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    Ok((kind.name().to_string(), model, tokenizer))
+}
+
+/// KV blocks for the largest phase (one long prefill, or every concurrent request at once),
+/// within the `--kv-cache-memory` budget. Only what is needed is allocated: a bf16 cache is
+/// written (zeroed) in full when created, so a larger one would inflate the peak RSS of bf16
+/// runs but not of f32 ones, whose zeroed pages stay untouched until used.
+fn kv_blocks(args: &BenchArgs, model: &MoeModel, block_size: usize) -> Result<usize> {
+    let per_seq = |prompt: usize, new: usize| (prompt + new).div_ceil(block_size) + 1;
+    let most = args.concurrency.iter().copied().max().unwrap_or(1);
+    let needed = per_seq(args.prompt_tokens, 1)
+        .max(most * per_seq(args.decode_prompt_tokens, args.decode_tokens));
+    let bytes = needed as u64 * model.kv_bytes_per_block(block_size) as u64;
+    if bytes > args.engine.kv_cache_memory {
+        bail!(
+            "the largest concurrency needs {} of KV cache, more than --kv-cache-memory {}",
+            bytesize::ByteSize(bytes),
+            bytesize::ByteSize(args.engine.kv_cache_memory)
+        );
+    }
+    Ok(needed)
+}
+
+/// A distinct pseudo-random prompt: no prefix-cache hits between measurements, and ids clear
+/// of the first few (special) tokens.
+fn prompt(vocab: usize, len: usize, seed: u64) -> Vec<u32> {
+    let mut state = seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let span = vocab.saturating_sub(3).max(1) as u64;
+    (0..len)
+        .map(|_| (3 + splitmix64(&mut state) % span).min(vocab.saturating_sub(1) as u64) as u32)
+        .collect()
+}
+
+/// Submits all prompts at once (greedy, EOS ignored) and returns, per request, the arrival of
+/// each token in seconds since submission.
+fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Result<Vec<Vec<f64>>> {
+    let t0 = Instant::now();
+    let mut streams = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let mut r = Request::greedy(p, max_tokens);
+        r.ignore_eos = true;
+        streams.push(engine.submit(r).context("submitting a benchmark request")?);
+    }
+    // One receiver thread per request, so each token is timed when it arrives.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|mut stream| {
+                s.spawn(move || -> Result<Vec<f64>> {
+                    let mut times = Vec::with_capacity(max_tokens);
+                    loop {
+                        match stream.blocking_recv() {
+                            Some(Event::Token { .. }) => times.push(t0.elapsed().as_secs_f64()),
+                            Some(Event::Done(_)) => return Ok(times),
+                            Some(Event::Error(e)) => bail!("benchmark request failed: {e}"),
+                            Some(_) => {}
+                            None => bail!("the engine stopped during the benchmark"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow!("a benchmark receiver thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+    .and_then(|times| {
+        if times.iter().any(|t| t.is_empty()) {
+            bail!("a benchmark request produced no token");
+        }
+        Ok(times)
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Summary {
+    mean_ttft_s: f64,
+    decode_tok_s: f64,
+}
+
+/// Decode throughput of a batch: tokens generated after the last request got its first token,
+/// divided by the time from then to the last token. Tokens of the step that gave that first
+/// token arrive within microseconds of it; they are told apart from the next step's by a
+/// tolerance of half the median gap between a request's tokens.
+fn summarize(times: &[Vec<f64>]) -> Option<Summary> {
+    let firsts: Vec<f64> = times.iter().filter_map(|t| t.first().copied()).collect();
+    if firsts.len() != times.len() || firsts.is_empty() {
+        return None;
+    }
+    let mean_ttft_s = firsts.iter().sum::<f64>() / firsts.len() as f64;
+    let start = firsts.iter().copied().fold(f64::MIN, f64::max);
+    let end = times
+        .iter()
+        .filter_map(|t| t.last().copied())
+        .fold(f64::MIN, f64::max);
+    let mut gaps: Vec<f64> = times
+        .iter()
+        .flat_map(|t| t.windows(2).map(|w| w[1] - w[0]))
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    let tolerance = gaps.get(gaps.len() / 2).copied().unwrap_or(0.0) / 2.0;
+    let tokens = times
+        .iter()
+        .flatten()
+        .filter(|&&t| t > start + tolerance)
+        .count();
+    if tokens == 0 || end <= start {
+        return None;
+    }
+    Some(Summary {
+        mean_ttft_s,
+        decode_tok_s: tokens as f64 / (end - start),
+    })
+}
+
+/// What one decode step reads from memory, by the model's shapes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Roofline {
+    /// Expected distinct experts per layer for the batch, under uniform routing.
+    experts_per_layer: f64,
+    bytes_per_step: f64,
+}
+
+impl Roofline {
+    /// Attention, router and norm weights of every layer, the LM head (kept in f32) and final
+    /// norm, the batch's embedding rows, the experts the step touches — `E · (1 − (1 − k/E)^B)`
+    /// per layer for `B` tokens routed uniformly — and each sequence's KV cache at
+    /// `avg_context` tokens.
+    fn new(cfg: &MoeConfig, dtype: DType, batch: usize, avg_context: f64) -> Self {
+        let w = dtype.size_in_bytes() as f64;
+        let f32b = DType::F32.size_in_bytes() as f64;
+        let (h, q, kv) = (
+            cfg.hidden_size as f64,
+            cfg.q_dim() as f64,
+            cfg.kv_dim() as f64,
+        );
+        let (e, k, b) = (
+            cfg.num_experts as f64,
+            cfg.experts_per_token as f64,
+            batch as f64,
+        );
+        let layers = cfg.num_layers as f64;
+        let attention = (q + 2.0 * kv) * h * w + h * q * w;
+        let router = e * h * w;
+        let norms = 2.0 * h * f32b;
+        let expert = 3.0 * h * cfg.intermediate_size as f64 * w;
+        let experts_per_layer = e * (1.0 - (1.0 - k / e).powf(b));
+        let globals = cfg.vocab_size as f64 * h * f32b + h * f32b + b * h * w;
+        let kv_cache = b * avg_context * kv * 2.0 * layers * w;
+        let bytes_per_step =
+            layers * (attention + router + norms + experts_per_layer * expert) + globals + kv_cache;
+        Self {
+            experts_per_layer,
+            bytes_per_step,
+        }
+    }
+}
+
+/// Streams `bytes` of u64s from memory, split over `threads`, best of three passes; bytes/s.
+fn memory_bandwidth(bytes: u64, threads: usize) -> Result<f64> {
+    let n = usize::try_from(bytes / 8).context("--bandwidth-buffer is too large")?;
+    // Written, not just allocated: untouched pages would all read the one zero page.
+    let data: Vec<u64> = (0..n as u64).collect();
+    let per = n.div_ceil(threads.max(1)).max(1);
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let sum = std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .chunks(per)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow!("a bandwidth thread panicked")))
+                .try_fold(0u64, |a, x| x.map(|x| a.wrapping_add(x)))
+        })?;
+        std::hint::black_box(sum);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok((n * 8) as f64 / best)
+}
+
+/// A `/proc/self/status` size field (VmHWM: peak resident set) in MB; None off Linux.
+fn rss_mb(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0 / 1e6)
+}
+
+/// Resets VmHWM to the current RSS (Linux ≥ 4.0), so each configuration reports its own peak
+/// rather than the model load's.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn param_count(cfg: &MoeConfig) -> f64 {
+    let h = cfg.hidden_size as f64;
+    let per_layer = (cfg.q_dim() + 2 * cfg.kv_dim()) as f64 * h
+        + h * cfg.q_dim() as f64
+        + cfg.num_experts as f64 * h
+        + cfg.num_experts as f64 * 3.0 * h * cfg.intermediate_size as f64
+        + 2.0 * h;
+    let heads = if cfg.tie_word_embeddings { 1.0 } else { 2.0 };
+    cfg.num_layers as f64 * per_layer + heads * cfg.vocab_size as f64 * h + h
+}
+
+fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option<f64>) {
+    let params = param_count(cfg);
+    let params = if params >= 1e9 {
+        format!("{:.2} B", params / 1e9)
+    } else {
+        format!("{:.1} M", params / 1e6)
+    };
+    println!(
+        "model {name}: {params} parameters, {} layers, {} experts top-{}, hidden {}, expert ffn {}; \
+         peak RSS while loading {}",
+        cfg.num_layers,
+        cfg.num_experts,
+        cfg.experts_per_token,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        load_peak.map_or("n/a".into(), |m| format!("{m:.0} MB")),
+    );
+    println!(
+        "prefill: one {}-token prompt, max_tokens 1 (prefill tok/s = prompt / its TTFT)",
+        args.prompt_tokens
+    );
+    println!(
+        "decode: N requests of {} distinct prompt tokens submitted at once, {} tokens each, EOS \
+         ignored; tok/s = tokens after the last request's first token / time from it to the last \
+         token (all requests together); TTFT = mean over the N requests",
+        args.decode_prompt_tokens, args.decode_tokens
+    );
+    println!(
+        "roofline: bytes/step = per layer (attention + router + norms + X experts) + LM head (f32) \
+         + embeddings + KV cache read (N x mean context x kv_dim x 2 x layers x dtype size), \
+         X = E(1 - (1 - k/E)^N) distinct experts per layer (uniform routing); roofline tok/s = \
+         N x bandwidth / bytes/step"
+    );
+    println!("peak RSS: VmHWM during each configuration (reset before it)");
+    println!(
+        "{:>5} {:>5} {:>13} {:>8} {:>8} {:>12} {:>8} {:>9} {:>14} {:>9} {:>12}",
+        "dtype",
+        "N",
+        "prefill tok/s",
+        "prefill",
+        "TTFT s",
+        "decode tok/s",
+        "experts",
+        "MB/step",
+        "roofline tok/s",
+        "fraction",
+        "peak RSS MB"
+    );
+}
+
+fn print_row(r: &Row) {
+    println!(
+        "{:>5} {:>5} {:>13.1} {:>7.3}s {:>8.3} {:>12.2} {:>8.2} {:>9.1} {:>14.2} {:>8.1}% {:>12}",
+        r.dtype.as_str(),
+        r.concurrency,
+        r.prefill_tok_s,
+        r.prefill_ttft_s,
+        r.ttft_s,
+        r.decode_tok_s,
+        r.roofline.experts_per_layer,
+        r.roofline.bytes_per_step / 1e6,
+        r.roofline_tok_s,
+        100.0 * r.decode_tok_s / r.roofline_tok_s,
+        r.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0}")),
+    );
+}
+
+fn json_line(name: &str, r: &Row, bandwidth: f64, load_peak: Option<f64>) -> serde_json::Value {
+    serde_json::json!({
+        "model": name,
+        "dtype": r.dtype.as_str(),
+        "quant": null,
+        "concurrency": r.concurrency,
+        "decode_tok_s": r.decode_tok_s,
+        "prefill_tok_s": r.prefill_tok_s,
+        "ttft_s": r.ttft_s,
+        "roofline_tok_s": r.roofline_tok_s,
+        "roofline_fraction": r.decode_tok_s / r.roofline_tok_s,
+        "peak_rss_mb": r.peak_rss_mb,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "prefill_ttft_s": r.prefill_ttft_s,
+        "bytes_per_step": r.roofline.bytes_per_step,
+        "experts_per_layer_step": r.roofline.experts_per_layer,
+        "load_peak_rss_mb": load_peak,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_experts_follow_uniform_routing() {
+        let kind = SyntheticKind::Mixtral;
+        let json = synthetic::config_json(kind, kind.full_dims());
+        let cfg = MoeConfig::from_json_str(&json, "config.json").unwrap();
+        let one = Roofline::new(&cfg, DType::F32, 1, 0.0);
+        assert!((one.experts_per_layer - 2.0).abs() < 1e-9);
+        let many = Roofline::new(&cfg, DType::F32, 64, 0.0);
+        assert!((many.experts_per_layer - 8.0).abs() < 1e-6);
+        // bf16 weights halve everything but the f32 LM head and norms.
+        let bf16 = Roofline::new(&cfg, DType::BF16, 1, 0.0);
+        assert!(bf16.bytes_per_step < one.bytes_per_step * 0.6);
+        // Per token, batching reads fewer bytes.
+        assert!(many.bytes_per_step / 64.0 < one.bytes_per_step / 4.0);
+    }
+
+    #[test]
+    fn decode_time_starts_at_the_last_first_token() {
+        // Two requests, steps every 10 ms; the second's first token comes one step later, with
+        // the first request's token of that step a few microseconds after it.
+        let times = vec![
+            vec![0.010, 0.020003, 0.030, 0.040],
+            vec![0.020, 0.030, 0.040, 0.050],
+        ];
+        let s = summarize(&times).unwrap();
+        assert!((s.mean_ttft_s - 0.015).abs() < 1e-12);
+        // After 0.020: tokens at 0.030, 0.040 (first) and 0.030, 0.040, 0.050 (second).
+        assert!((s.decode_tok_s - 5.0 / 0.030).abs() < 1e-6, "{s:?}");
+        assert!(summarize(&[vec![0.01]]).is_none());
+    }
+
+    #[test]
+    fn prompts_are_distinct_and_in_vocabulary() {
+        let a = prompt(32000, 16, 1);
+        let b = prompt(32000, 16, 2);
+        assert_ne!(a, b);
+        assert!(a.iter().all(|&t| (3..32000).contains(&t)));
+        assert_eq!(prompt(2, 3, 1), vec![1, 1, 1]);
+    }
+}
