@@ -58,7 +58,22 @@ impl Linear {
 
     /// `xs`: `[n, in]` → `[n, out]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.matmul(&self.weight.t()?)
+        matmul_few_rows(xs, &self.weight.t()?)
+    }
+}
+
+/// Row counts for which [`matmul_few_rows`] swaps the operands.
+const FEW_ROWS: std::ops::RangeInclusive<usize> = 2..=64;
+
+/// `xs @ rhs`. For a handful of rows (an expert's share of a decode batch) it is computed as
+/// `(rhs^T @ xs^T)^T`: candle's CPU gemm packs its right-hand operand on every call, and
+/// packing a whole weight matrix to multiply it by 2..16 rows cost more than reading it.
+pub fn matmul_few_rows(xs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    let rows = xs.dim(0)?;
+    if xs.device().is_cpu() && xs.rank() == 2 && FEW_ROWS.contains(&rows) {
+        rhs.t()?.matmul(&xs.t()?)?.t()?.contiguous()
+    } else {
+        xs.matmul(rhs)
     }
 }
 

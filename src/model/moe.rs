@@ -1,7 +1,7 @@
 //! The sparse MoE block: a router that picks the top-k experts per token, and experts that run
 //! only on the tokens routed to them.
 
-use super::layers::{softmax_f32, swiglu, Linear};
+use super::layers::{matmul_few_rows, softmax_f32, swiglu, Linear};
 use crate::config::{Activation, RouterNorm};
 use candle_core::{DType, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +20,7 @@ impl Expert {
         let gate = self.gate.forward(xs)?.to_dtype(DType::F32)?;
         let up = self.up.forward(xs)?.to_dtype(DType::F32)?;
         let h = swiglu(&gate, &up, act)?.to_dtype(xs.dtype())?;
-        h.matmul(&self.down)?.to_dtype(DType::F32)
+        matmul_few_rows(&h, &self.down)?.to_dtype(DType::F32)
     }
 }
 
