@@ -31,8 +31,8 @@ impl KvCache {
         let mut k = Vec::with_capacity(cfg.num_layers);
         let mut v = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
-            k.push(Tensor::zeros((slots, cfg.kv_dim()), dtype, device)?);
-            v.push(Tensor::zeros((slots, cfg.kv_dim()), dtype, device)?);
+            k.push(lazy_zeros(slots, cfg.kv_dim(), dtype, device)?);
+            v.push(lazy_zeros(slots, cfg.kv_dim(), dtype, device)?);
         }
         Ok(Self {
             k,
@@ -61,5 +61,34 @@ impl KvCache {
 
     pub(crate) fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
         (&self.k[i], &self.v[i])
+    }
+}
+
+/// Zeros that cost no memory until written. On the CPU candle writes every element of bf16 /
+/// f16 zeros (f32 ones come from the allocator's zeroed pages), so a `--kv-cache-memory 8GiB`
+/// cache in bf16 took 8 GiB of RSS at start-up; zeroed `u16`s are lazy like f32.
+fn lazy_zeros(rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    fn zeroed<T>(n: usize) -> Vec<T> {
+        // `vec![0u16; n]` is one zeroed allocation (calloc); bf16 and f16 are
+        // `repr(transparent)` over u16, and all-zero bits are +0.0 in both.
+        let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+        let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+        // SAFETY: same size and alignment as u16 (asserted at compile time below), the
+        // allocation is moved, not copied, and zero bits are a valid value of T.
+        unsafe { Vec::from_raw_parts(ptr.cast::<T>(), len, cap) }
+    }
+    const _: () = assert!(
+        std::mem::size_of::<half::bf16>() == 2
+            && std::mem::align_of::<half::bf16>() == std::mem::align_of::<u16>()
+            && std::mem::size_of::<half::f16>() == 2
+            && std::mem::align_of::<half::f16>() == std::mem::align_of::<u16>()
+    );
+    let n = rows * cols;
+    match (dtype, device) {
+        (DType::BF16, Device::Cpu) => {
+            Tensor::from_vec(zeroed::<half::bf16>(n), (rows, cols), device)
+        }
+        (DType::F16, Device::Cpu) => Tensor::from_vec(zeroed::<half::f16>(n), (rows, cols), device),
+        _ => Tensor::zeros((rows, cols), dtype, device),
     }
 }
