@@ -99,17 +99,30 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
         args.shutdown_timeout
     );
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!("server error during shutdown: {e}"),
-        Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
-        Err(_) => tracing::warn!("in-flight requests did not finish in time; exiting"),
+    let drained =
+        match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout), server).await {
+            Ok(Ok(Ok(()))) => true,
+            Ok(Ok(Err(e))) => {
+                tracing::warn!("server error during shutdown: {e}");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("server task failed: {e}");
+                true
+            }
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish in time; cancelling them");
+                false
+            }
+        };
+    if drained {
+        if let Some(engine) = state.engine_handle() {
+            let engine = engine.clone();
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        }
     }
-    if let Some(engine) = state.engine_handle() {
-        // Whatever still runs is cancelled when its stream is dropped; the thread then exits.
-        let engine = engine.clone();
-        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
-    }
+    // Otherwise the runtime is dropped on return: that cancels the remaining connections, which
+    // drops their request streams, and the engine thread ends once they are gone.
     Ok(())
 }
 
