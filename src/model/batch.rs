@@ -188,7 +188,6 @@ impl PreparedBatch {
         if let Some(r) = batch.logits_rows.iter().find(|&&r| r >= n) {
             candle_core::bail!("logits row {r} is outside the batch of {n} tokens");
         }
-        let positions = Tensor::from_vec(positions, n, device)?;
         let (cos, sin) = rope.tables(&positions)?;
         let slot_index = Tensor::from_vec(slots, (n, 1), device)?
             .broadcast_as((n, kv_dim))?

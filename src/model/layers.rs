@@ -80,15 +80,17 @@ pub fn matmul_few_rows(xs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
 /// NeoX-style (half-split) rotary embeddings with per-token positions, so sequences at
 /// different offsets can share one batch.
 pub struct RotaryEmbedding {
-    /// `[max_positions, head_dim / 2]` in the compute dtype.
-    cos: Tensor,
-    sin: Tensor,
+    inv_freq: Vec<f32>,
     max_positions: usize,
+    dtype: DType,
+    device: Device,
 }
 
 impl RotaryEmbedding {
-    /// Tables computed in f32 the way transformers computes them (inv_freq, then pos * inv_freq),
-    /// then cast to the compute dtype as transformers does before applying them.
+    /// Angles are computed in f32 the way transformers computes them (inv_freq, then
+    /// pos * inv_freq), then cast to the compute dtype as transformers does before applying
+    /// them. They are made per batch for its positions only: a table for a long-context
+    /// model's every position would cost hundreds of MB.
     pub fn new(
         theta: f64,
         head_dim: usize,
@@ -96,20 +98,14 @@ impl RotaryEmbedding {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        let inv_freq = (0..head_dim / 2)
             .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        let mut freqs = Vec::with_capacity(max_positions * half);
-        for pos in 0..max_positions {
-            let p = pos as f32;
-            freqs.extend(inv_freq.iter().map(|f| p * f));
-        }
-        let freqs = Tensor::from_vec(freqs, (max_positions, half), device)?;
         Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            inv_freq,
             max_positions,
+            dtype,
+            device: device.clone(),
         })
     }
 
@@ -117,11 +113,23 @@ impl RotaryEmbedding {
         self.max_positions
     }
 
-    /// cos/sin rows for the given positions (`[n]` u32 tensor) → two `[n, head_dim / 2]`.
-    pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// cos/sin for the given positions → two `[n, head_dim / 2]` in the compute dtype.
+    pub fn tables(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
+            let p = pos as f32;
+            for f in &self.inv_freq {
+                let angle = p * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), half);
         Ok((
-            self.cos.index_select(positions, 0)?,
-            self.sin.index_select(positions, 0)?,
+            Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?,
         ))
     }
 
