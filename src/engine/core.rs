@@ -8,7 +8,7 @@ use super::request::{Event, FinishReason, Request, TokenLogprob, Usage};
 use super::runner::{self, SeqRows};
 use super::sampler::{apply_penalties, Sampler};
 use super::scheduler::{Plan, Scheduler};
-use super::sequence::{RequestId, RequestState, SeqId, Sequence, Status};
+use super::sequence::{RequestId, RequestState, SeqId, Sequence};
 use super::{Command, Shared};
 use crate::model::KvCache;
 use crate::text::{IncrementalDetokenizer, StopMatcher, StopOutcome};
@@ -157,7 +157,6 @@ impl EngineCore {
                 num_computed,
                 block_hashes: Vec::new(),
                 block_table,
-                status: Status::Waiting,
                 preempted_at_step: None,
                 admitted_at: 0,
             },

@@ -8,7 +8,7 @@
 //! preempted: its blocks are freed and it is requeued to be recomputed later.
 
 use super::block_manager::BlockManager;
-use super::sequence::{SeqId, Sequence, Status};
+use super::sequence::{SeqId, Sequence};
 use std::collections::{HashMap, VecDeque};
 
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +65,6 @@ impl Scheduler {
 
     /// Puts a sequence that already holds its blocks straight into the running set.
     pub fn admit(&mut self, seq: &mut Sequence) {
-        seq.status = Status::Running;
         self.admissions += 1;
         seq.admitted_at = self.admissions;
         self.running.push(seq.id);

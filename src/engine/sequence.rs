@@ -27,12 +27,6 @@ pub struct RequestState {
     pub prompt_logprobs_sent: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Waiting,
-    Running,
-}
-
 pub struct Sequence {
     pub id: SeqId,
     /// Which of its request's `n` samples this is.
@@ -46,7 +40,6 @@ pub struct Sequence {
     pub block_table: Vec<u32>,
     /// Prefix-cache keys of the full blocks registered so far.
     pub block_hashes: Vec<u64>,
-    pub status: Status,
     /// Sequences preempted in the current step are not readmitted in it.
     pub preempted_at_step: Option<u64>,
     pub sampler: Sampler,
@@ -88,6 +81,5 @@ impl Sequence {
     pub fn reset_computed(&mut self) {
         self.num_computed = 0;
         self.block_hashes.clear();
-        self.status = Status::Waiting;
     }
 }

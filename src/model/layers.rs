@@ -52,10 +52,6 @@ impl Linear {
         self.weight.dtype()
     }
 
-    pub fn out_dim(&self) -> usize {
-        self.weight.dims().first().copied().unwrap_or(0)
-    }
-
     /// `xs`: `[n, in]` → `[n, out]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         matmul_few_rows(xs, &self.weight.t()?)
@@ -97,16 +93,16 @@ impl RotaryEmbedding {
         max_positions: usize,
         dtype: DType,
         device: &Device,
-    ) -> Result<Self> {
+    ) -> Self {
         let inv_freq = (0..head_dim / 2)
             .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        Ok(Self {
+        Self {
             inv_freq,
             max_positions,
             dtype,
             device: device.clone(),
-        })
+        }
     }
 
     pub fn max_positions(&self) -> usize {

@@ -39,12 +39,7 @@ pub async fn chat_completions(
             ));
         }
     }
-    if req.common.stream_options.is_some() && !req.common.stream {
-        return Err(ApiError::invalid_param(
-            "stream_options",
-            "stream_options is only allowed with stream: true",
-        ));
-    }
+    req.common.check_stream_options()?;
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(ApiError::invalid_param(
             "top_logprobs",

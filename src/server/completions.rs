@@ -32,12 +32,7 @@ pub async fn completions(
             "best_of other than n is not supported",
         ));
     }
-    if req.common.stream_options.is_some() && !req.common.stream {
-        return Err(ApiError::invalid_param(
-            "stream_options",
-            "stream_options is only allowed with stream: true",
-        ));
-    }
+    req.common.check_stream_options()?;
     let tokenizer = engine.tokenizer().clone();
     let (prompts, texts) = tokenize_prompts(&tokenizer, req.prompt)?;
     let max_tokens = req.max_tokens.unwrap_or(16);

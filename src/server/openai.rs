@@ -13,10 +13,10 @@ pub enum StringOrList {
 }
 
 impl StringOrList {
-    pub fn into_vec(self) -> Vec<String> {
+    pub fn to_vec(&self) -> Vec<String> {
         match self {
-            StringOrList::One(s) => vec![s],
-            StringOrList::Many(v) => v,
+            StringOrList::One(s) => vec![s.clone()],
+            StringOrList::Many(v) => v.clone(),
         }
     }
 }
@@ -64,6 +64,19 @@ pub struct CommonParams {
     pub skip_special_tokens: Option<bool>,
     #[serde(default)]
     pub return_tokens_as_token_ids: bool,
+}
+
+impl CommonParams {
+    /// `stream_options` only makes sense on a stream; OpenAI refuses it otherwise.
+    pub fn check_stream_options(&self) -> Result<(), super::error::ApiError> {
+        if self.stream_options.is_some() && !self.stream {
+            return Err(super::error::ApiError::invalid_param(
+                "stream_options",
+                "stream_options is only allowed with stream: true",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]

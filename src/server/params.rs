@@ -78,14 +78,7 @@ pub fn build_request(
         logprobs_param,
         &format!("must be at most {MAX_LOGPROBS}"),
     )?;
-    let stop = p
-        .stop
-        .as_ref()
-        .map(|s| match s {
-            super::openai::StringOrList::One(s) => vec![s.clone()],
-            super::openai::StringOrList::Many(v) => v.clone(),
-        })
-        .unwrap_or_default();
+    let stop = p.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default();
     check(
         stop.len() <= MAX_STOP_STRINGS,
         "stop",
