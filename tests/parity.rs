@@ -231,7 +231,7 @@ fn sliding_window_prefill_matches_decode() {
         &unwindowed.narrow(0, 0, 40).unwrap(),
         &prefilled.narrow(0, 0, 40).unwrap(),
     );
-    assert!(early <= 1e-5, "inside the window nothing changes ({early})");
+    assert!(early <= 1e-4, "inside the window nothing changes ({early})");
     let late = max_abs_diff(
         &unwindowed.narrow(0, 60, n - 60).unwrap(),
         &prefilled.narrow(0, 60, n - 60).unwrap(),

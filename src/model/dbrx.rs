@@ -24,29 +24,30 @@ pub(super) fn load_layer(
             wqkv: Linear::new(w.get(
                 &format!("{p}.norm_attn_norm.attn.Wqkv.weight"),
                 &[qkv_rows, h],
-            )?),
+            )?)?,
             clip: cfg.clip_qkv,
         },
         Linear::new(w.get(
             &format!("{p}.norm_attn_norm.attn.out_proj.weight"),
             &[h, cfg.q_dim()],
-        )?),
+        )?)?,
         cfg.num_heads,
         cfg.num_kv_heads,
         cfg.head_dim,
     );
     // w1 (gate), v1 (up), w2 (down) are fused `[experts * ffn, hidden]` tensors without a
     // `.weight` suffix; each expert's rows are read on their own from the mapping.
-    let router = Linear::new(w.get(&format!("{p}.ffn.router.layer.weight"), &[ne, h])?);
+    let router = Linear::new(w.get(&format!("{p}.ffn.router.layer.weight"), &[ne, h])?)?;
     let fused = [ne * ffn, h];
     let mlp = format!("{p}.ffn.experts.mlp");
     let mut experts = Vec::with_capacity(ne);
     for e in 0..ne {
         let rows = |name: &str| w.get_rows(&format!("{mlp}.{name}"), &fused, e * ffn, ffn);
         experts.push(Expert {
-            gate: Linear::new(rows("w1")?),
-            up: Linear::new(rows("v1")?),
-            down: rows("w2")?,
+            gate: Linear::new(rows("w1")?)?,
+            up: Linear::new(rows("v1")?)?,
+            // Stored `[ffn, hidden]` per expert: transposed once here to `[out, in]`.
+            down: Linear::new(rows("w2")?.t()?)?,
         });
     }
     let moe = MoeBlock::new(

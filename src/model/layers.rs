@@ -1,5 +1,6 @@
 //! The shared building blocks: norms, rotary embeddings, linear projections.
 
+use super::small_matmul;
 use crate::config::Activation;
 use crate::config::NormKind;
 use candle_core::{DType, Device, Result, Tensor};
@@ -44,17 +45,25 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+    /// `weight`: `[out, in]`, made contiguous (the small-batch kernel reads its rows).
+    pub fn new(weight: Tensor) -> Result<Self> {
+        Ok(Self {
+            weight: weight.contiguous()?,
+        })
     }
 
     pub fn dtype(&self) -> DType {
         self.weight.dtype()
     }
 
-    /// `xs`: `[n, in]` → `[n, out]`.
+    /// `xs`: `[n, in]` → `[n, out]`. Decode-sized batches on the CPU take the small-batch
+    /// kernel, which streams the weight once for all rows.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        matmul_few_rows(xs, &self.weight.t()?)
+        if small_matmul::applies(xs, &self.weight) {
+            small_matmul::small_matmul_t(&xs.contiguous()?, &self.weight)
+        } else {
+            matmul_few_rows(xs, &self.weight.t()?)
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub(super) fn load_layer(
     let p = format!("model.layers.{i}");
     let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
     let lin = |name: &str, shape: &[usize]| -> Result<Linear, ModelError> {
-        Ok(Linear::new(w.get(&format!("{p}.{name}.weight"), shape)?))
+        Ok(Linear::new(w.get(&format!("{p}.{name}.weight"), shape)?)?)
     };
     let qkv = QkvProj::Separate {
         q: lin("self_attn.q_proj", &[cfg.q_dim(), h])?,
@@ -37,11 +37,10 @@ pub(super) fn load_layer(
     let mut experts = Vec::with_capacity(cfg.num_experts);
     for e in 0..cfg.num_experts {
         let ep = format!("block_sparse_moe.experts.{e}");
-        let down = w.get(&format!("{p}.{ep}.w2.weight"), &[h, ffn])?;
         experts.push(Expert {
             gate: lin(&format!("{ep}.w1"), &[ffn, h])?,
             up: lin(&format!("{ep}.w3"), &[ffn, h])?,
-            down: down.t()?,
+            down: lin(&format!("{ep}.w2"), &[h, ffn])?,
         });
     }
     let moe = MoeBlock::new(

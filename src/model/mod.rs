@@ -8,6 +8,7 @@ mod kv_cache;
 mod layers;
 mod mixtral;
 pub mod moe;
+pub mod small_matmul;
 
 pub use batch::{Batch, SeqInput};
 pub use kv_cache::{KvCache, DEFAULT_BLOCK_SIZE};
@@ -74,7 +75,7 @@ impl Globals {
         Ok(Self {
             embed,
             final_norm: Norm::new(cfg.norm, w.get(norm_name, &[h])?)?,
-            lm_head: Linear::new(lm_head_f32(lm_head)?),
+            lm_head: Linear::new(lm_head_f32(lm_head)?)?,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The sparse MoE block: a router that picks the top-k experts per token, and experts that run
 //! only on the tokens routed to them.
 
-use super::layers::{matmul_few_rows, softmax_f32, swiglu, Linear};
+use super::layers::{softmax_f32, swiglu, Linear};
 use crate::config::{Activation, RouterNorm};
 use candle_core::{DType, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Expert {
     pub gate: Linear,
     pub up: Linear,
-    /// `[ffn, hidden]`, applied as `h @ down` (DBRX's `w2` as stored; Mixtral's `w2` transposed).
-    pub down: Tensor,
+    /// `[hidden, ffn]` like every projection (Mixtral's `w2` as stored; DBRX's transposed).
+    pub down: Linear,
 }
 
 impl Expert {
@@ -20,7 +20,7 @@ impl Expert {
         let gate = self.gate.forward(xs)?.to_dtype(DType::F32)?;
         let up = self.up.forward(xs)?.to_dtype(DType::F32)?;
         let h = swiglu(&gate, &up, act)?.to_dtype(xs.dtype())?;
-        matmul_few_rows(&h, &self.down)?.to_dtype(DType::F32)
+        self.down.forward(&h)?.to_dtype(DType::F32)
     }
 }
 

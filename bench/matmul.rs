@@ -1,0 +1,66 @@
+//! Decode-shaped matrix products: candle's matmul against mixserve's small-batch kernel.
+//!
+//! `cargo bench --bench matmul` prints, for the synthetic Mixtral's expert shapes and a few
+//! row counts, the time per product, the weight bytes streamed per second and GFLOP/s.
+
+use candle_core::{DType, Device, Tensor};
+use mixserve::model::small_matmul::small_matmul_t;
+use std::time::Instant;
+
+fn time(
+    reps: usize,
+    mut f: impl FnMut() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<f64> {
+    f()?;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        best = best.min(start.elapsed().as_secs_f64() / reps as f64);
+    }
+    Ok(best)
+}
+
+fn main() -> candle_core::Result<()> {
+    mixserve::init_cpu_threads();
+    let dev = Device::Cpu;
+    println!(
+        "{:>6} {:>5} {:>6} {:>6} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9}",
+        "dtype", "m", "n", "k", "candle ms", "GB/s", "GFLOP/s", "small ms", "GB/s", "GFLOP/s"
+    );
+    for dtype in [DType::F32, DType::BF16] {
+        // Up/gate ([3584, 1024]) and down ([1024, 3584]); 8 weights so they never sit in cache.
+        for (n, k) in [(3584usize, 1024usize), (1024, 3584)] {
+            let ws: Vec<Tensor> = (0..8)
+                .map(|_| Tensor::randn(0f32, 0.02, (n, k), &dev)?.to_dtype(dtype))
+                .collect::<candle_core::Result<_>>()?;
+            for m in [1usize, 2, 4, 8, 16, 32] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
+                let mut i = 0;
+                let candle = time(20, || {
+                    i = (i + 1) % ws.len();
+                    x.matmul(&ws[i].t()?)
+                })?;
+                let small = time(20, || {
+                    i = (i + 1) % ws.len();
+                    small_matmul_t(&x, &ws[i])
+                })?;
+                let bytes = (n * k * dtype.size_in_bytes()) as f64;
+                let flops = (2 * m * n * k) as f64;
+                println!(
+                    "{:>6} {m:>5} {n:>6} {k:>6} {:>10.3} {:>9.1} {:>9.1} {:>10.3} {:>9.1} {:>9.1}",
+                    format!("{dtype:?}"),
+                    candle * 1e3,
+                    bytes / candle / 1e9,
+                    flops / candle / 1e9,
+                    small * 1e3,
+                    bytes / small / 1e9,
+                    flops / small / 1e9,
+                );
+            }
+        }
+    }
+    Ok(())
+}

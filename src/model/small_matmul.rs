@@ -1,0 +1,479 @@
+//! Small-batch matrix products on the CPU: `x [m, k] @ W^T` with `W` stored `[n, k]` and m a
+//! handful of rows (one per decoding sequence, or an expert's share of them).
+//!
+//! Decoding is bound by reading the weights: each step must stream every active weight
+//! from memory once, for all its rows together. A general gemm packs its operands into
+//! cache-sized panels first, which for a few rows costs more than the product itself (and
+//! candle's bf16 path converts the whole weight on every call). Here each weight row is read
+//! once, straight from its `[n, k]` storage, and dotted with every activation row while it
+//! sits in L1; the activations (m x k floats) stay in L2. Output columns are split across
+//! the rayon pool.
+//!
+//! Each output element is one fixed-order dot product whatever `m` is and wherever its row
+//! sits in the batch, so a sequence gets bit-identical results alone or batched.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Up to this many rows take the small-batch path; beyond it gemm's packing pays for itself.
+pub const MAX_ROWS: usize = 32;
+
+/// `xs @ weight^T` through [`SmallBatchMatmul`]; the caller checks the device and row count.
+pub fn small_matmul_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    xs.apply_op2_no_bwd(weight, &SmallBatchMatmul)
+}
+
+/// Whether [`small_matmul_t`] handles this product.
+pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
+    let supported = |dt: DType| matches!(dt, DType::F32 | DType::BF16 | DType::F16);
+    xs.device().is_cpu()
+        && xs.rank() == 2
+        && weight.rank() == 2
+        && (1..=MAX_ROWS).contains(&xs.dims()[0])
+        && supported(xs.dtype())
+        && supported(weight.dtype())
+}
+
+pub struct SmallBatchMatmul;
+
+/// A contiguous row-major view of a CPU tensor's elements.
+fn contiguous<'a, T: WithDType>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("small-batch matmul needs contiguous operands"),
+    }
+}
+
+/// The activations as f32 (they are small: m x k).
+fn activations_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    Ok(match s {
+        CpuStorage::F32(d) => contiguous(d, l)?.to_vec(),
+        CpuStorage::BF16(d) => contiguous(d, l)?.iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F16(d) => contiguous(d, l)?.iter().map(|v| v.to_f32()).collect(),
+        other => bail!("small-batch matmul: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+impl CustomOp2 for SmallBatchMatmul {
+    fn name(&self) -> &'static str {
+        "small-batch-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, wk) = wl.shape().dims2()?;
+        if k != wk {
+            bail!("small-batch matmul: x is [{m}, {k}] but the weight is [{n}, {wk}]");
+        }
+        let x = activations_f32(xs, xl)?;
+        let out_t = match ws {
+            CpuStorage::F32(d) => products(&x, m, contiguous(d, wl)?, n, k),
+            CpuStorage::BF16(d) => products(&x, m, contiguous(d, wl)?, n, k),
+            CpuStorage::F16(d) => products(&x, m, contiguous(d, wl)?, n, k),
+            other => bail!("small-batch matmul: unsupported dtype {:?}", other.dtype()),
+        };
+        // The workers fill [n, m] (each owns a contiguous run of columns); transpose to [m, n].
+        let mut out = vec![0f32; m * n];
+        for (j, col) in out_t.chunks_exact(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                out[i * n + j] = *v;
+            }
+        }
+        let storage = match xs.dtype() {
+            DType::F32 => CpuStorage::F32(out),
+            DType::BF16 => CpuStorage::BF16(out.iter().map(|&v| bf16::from_f32(v)).collect()),
+            DType::F16 => CpuStorage::F16(out.iter().map(|&v| f16::from_f32(v)).collect()),
+            dt => bail!("small-batch matmul: unsupported dtype {dt:?}"),
+        };
+        Ok((storage, Shape::from((m, n))))
+    }
+}
+
+/// A weight element type the kernels can widen to f32.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// The dot-tile kernel for this type: the SIMD one when the CPU has it.
+    fn tile_kernel() -> TileFn<Self>;
+}
+
+/// Computes the `m x c` dot products of all activation rows with up to [`TILE_COLS`] weight
+/// rows into `out[i * c + ci]`.
+pub type TileFn<W> = fn(&[&[f32]], &[&[W]], &mut [f32]);
+
+macro_rules! weight_elem {
+    ($ty:ty, $widen:expr) => {
+        impl WeightElem for $ty {
+            fn to_f32(self) -> f32 {
+                $widen(self)
+            }
+            fn tile_kernel() -> TileFn<Self> {
+                #[cfg(target_arch = "x86_64")]
+                if avx2::available() {
+                    return avx2::tile::<$ty>;
+                }
+                portable::tile::<$ty>
+            }
+        }
+    };
+}
+weight_elem!(f32, |v: f32| v);
+weight_elem!(bf16, bf16::to_f32);
+weight_elem!(f16, f16::to_f32);
+
+/// Activation rows per register block, and weight rows per kernel call (whose reads from
+/// DRAM are shared by all the activation rows).
+const TILE_ROWS: usize = 4;
+const TILE_COLS: usize = 8;
+
+/// All `m x n` products, returned column-major (`[n, m]`).
+fn products<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
+    let mut out_t = vec![0f32; n * m];
+    if n == 0 || m == 0 {
+        return out_t;
+    }
+    let kernel = W::tile_kernel();
+    // Enough chunks to balance the pool, each big enough to amortise its scheduling.
+    let threads = rayon::current_num_threads().max(1);
+    let cols = n
+        .div_ceil(threads * 8)
+        .clamp(TILE_COLS, 256)
+        .next_multiple_of(TILE_COLS);
+    let x_rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+    out_t
+        .par_chunks_mut(cols * m)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let j0 = chunk * cols;
+            let mut tile = vec![0f32; m * TILE_COLS];
+            for (jj, out_cols) in out.chunks_mut(TILE_COLS * m).enumerate() {
+                let j = j0 + jj * TILE_COLS;
+                let c = out_cols.len() / m;
+                let mut w_rows: [&[W]; TILE_COLS] = [&[]; TILE_COLS];
+                for (ci, row) in w_rows.iter_mut().take(c).enumerate() {
+                    *row = &w[(j + ci) * k..(j + ci + 1) * k];
+                }
+                kernel(&x_rows, &w_rows[..c], &mut tile[..m * c]);
+                for i in 0..m {
+                    for ci in 0..c {
+                        out_cols[ci * m + i] = tile[i * c + ci];
+                    }
+                }
+            }
+        });
+    out_t
+}
+
+/// Plain Rust, for CPUs without AVX2 (the compiler vectorises the 8-lane accumulators).
+mod portable {
+    use super::WeightElem;
+
+    pub fn tile<W: WeightElem>(xs: &[&[f32]], ws: &[&[W]], out: &mut [f32]) {
+        let c = ws.len();
+        for (r, x) in xs.iter().enumerate() {
+            for (ci, w) in ws.iter().enumerate() {
+                out[r * c + ci] = dot(x, w);
+            }
+        }
+    }
+
+    fn dot<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut xc = x.chunks_exact(8);
+        let mut wc = w.chunks_exact(8);
+        for (xa, wa) in (&mut xc).zip(&mut wc) {
+            for l in 0..8 {
+                acc[l] += xa[l] * wa[l].to_f32();
+            }
+        }
+        let tail: f32 = xc
+            .remainder()
+            .iter()
+            .zip(wc.remainder())
+            .map(|(a, b)| a * b.to_f32())
+            .sum();
+        acc.iter().sum::<f32>() + tail
+    }
+}
+
+/// AVX2 + FMA kernels. Every product is one 8-lane FMA chain over `k` in order, summed
+/// across lanes the same way, whatever the tile shape: results do not depend on `m`.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{WeightElem, TILE_COLS, TILE_ROWS};
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+
+    /// How far ahead of its reads each weight row is prefetched.
+    const PREFETCH_BYTES: usize = 1024;
+
+    pub fn available() -> bool {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+
+    /// Loads 8 weights and widens them to f32 lanes.
+    pub trait Lanes: WeightElem {
+        /// # Safety
+        /// `p` must point to 8 readable elements, on a CPU with AVX2, FMA and F16C.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Lanes for f32 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Lanes for bf16 {
+        /// bf16 is the top half of an f32: widen to 32 bits and shift into place.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+
+    impl Lanes for f16 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+
+    pub fn tile<W: Lanes>(xs: &[&[f32]], ws: &[&[W]], out: &mut [f32]) {
+        let (m, c) = (xs.len(), ws.len());
+        assert!(c <= TILE_COLS && out.len() >= m * c);
+        let k = ws.first().map_or(0, |w| w.len());
+        assert!(xs.iter().all(|x| x.len() >= k) && ws.iter().all(|w| w.len() >= k));
+        let k8 = k / 8 * 8;
+        let full = m / TILE_ROWS * TILE_ROWS;
+        // SAFETY: chosen only once `available()` has confirmed the CPU features; every row
+        // holds at least `k8` elements (checked above) and the blocks read no further.
+        unsafe {
+            // Two weight rows at a time for every group of 4 activation rows: the pair comes
+            // from DRAM once and is re-read from L1 by the following groups.
+            let mut j = 0;
+            while j + 2 <= c {
+                for i in (0..full).step_by(TILE_ROWS) {
+                    block::<W, 4, 2>(&xs[i..i + 4], &ws[j..j + 2], k8, out, i, j, c);
+                }
+                j += 2;
+            }
+            if j < c {
+                for i in (0..full).step_by(TILE_ROWS) {
+                    block::<W, 4, 1>(&xs[i..i + 4], &ws[j..j + 1], k8, out, i, j, c);
+                }
+            }
+            // The 1-3 rows left: about 8 accumulators hide the FMA latency, so the fewer
+            // the rows, the more weight rows per block.
+            let rest = &xs[full..];
+            match rest.len() {
+                0 => {}
+                1 => columns::<W, 1, 8>(rest, ws, k8, out, full),
+                2 => columns::<W, 2, 4>(rest, ws, k8, out, full),
+                _ => columns::<W, 3, 2>(rest, ws, k8, out, full),
+            }
+        }
+        for (i, x) in xs.iter().enumerate() {
+            for (ci, w) in ws.iter().enumerate() {
+                let tail: f32 = (k8..k).map(|q| x[q] * w[q].to_f32()).sum();
+                out[i * c + ci] += tail;
+            }
+        }
+    }
+
+    /// All the tile's weight rows against `R` activation rows: blocks of `C`, then singles.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn columns<W: Lanes, const R: usize, const C: usize>(
+        xs: &[&[f32]],
+        ws: &[&[W]],
+        k8: usize,
+        out: &mut [f32],
+        i: usize,
+    ) {
+        let c = ws.len();
+        let mut j = 0;
+        while j + C <= c {
+            block::<W, R, C>(xs, &ws[j..j + C], k8, out, i, j, c);
+            j += C;
+        }
+        while j < c {
+            block::<W, R, 1>(xs, &ws[j..j + 1], k8, out, i, j, c);
+            j += 1;
+        }
+    }
+
+    /// `R x C` products with their accumulators in registers (fixed trip counts unroll).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block<W: Lanes, const R: usize, const C: usize>(
+        xs: &[&[f32]],
+        ws: &[&[W]],
+        k8: usize,
+        out: &mut [f32],
+        i: usize,
+        j: usize,
+        stride: usize,
+    ) {
+        let mut xp = [std::ptr::null::<f32>(); R];
+        for (p, x) in xp.iter_mut().zip(xs) {
+            *p = x.as_ptr();
+        }
+        let mut wp = [std::ptr::null::<W>(); C];
+        for (p, w) in wp.iter_mut().zip(ws) {
+            *p = w.as_ptr();
+        }
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut p = 0;
+        while p < k8 {
+            let mut xv = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                xv[r] = _mm256_loadu_ps(xp[r].add(p));
+            }
+            for c in 0..C {
+                // The weights come from DRAM in short per-row streams: fetch ahead.
+                let ahead = (wp[c].add(p) as *const i8).add(PREFETCH_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                let wv = W::load8(wp[c].add(p));
+                for r in 0..R {
+                    acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+                }
+            }
+            p += 8;
+        }
+        for r in 0..R {
+            for c in 0..C {
+                out[(i + r) * stride + j + c] = hsum(acc[r][c]);
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
+            }
+        }
+        out
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        // A small deterministic generator: values in [-1, 1).
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_reference_for_odd_shapes_and_all_dtypes() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 7, 13),
+            (3, 5, 8),
+            (4, 2, 16),
+            (5, 33, 70),
+            (32, 64, 264),
+        ] {
+            let x = data(m * k, 1);
+            let w = data(n * k, 2);
+            let want = reference(&x, &w, m, n, k);
+            let xt = Tensor::from_vec(x, (m, k), &dev)?;
+            let wt = Tensor::from_vec(w, (n, k), &dev)?;
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                let wd = wt.to_dtype(dt)?;
+                // The reference on the rounded weights, so only summation order differs.
+                let w_rounded: Vec<f32> = wd.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let want_dt = reference(&xt.flatten_all()?.to_vec1()?, &w_rounded, m, n, k);
+                let got: Vec<f32> = small_matmul_t(&xt, &wd)?.flatten_all()?.to_vec1()?;
+                for (g, e) in got.iter().zip(&want_dt) {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{dt:?} {m}x{n}x{k}: {g} vs {e}"
+                    );
+                }
+            }
+            let got: Vec<f32> = small_matmul_t(&xt, &wt)?.flatten_all()?.to_vec1()?;
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_activations_give_bf16_output() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(data(2 * 16, 3), (2, 16), &dev)?.to_dtype(DType::BF16)?;
+        let w = Tensor::from_vec(data(3 * 16, 4), (3, 16), &dev)?.to_dtype(DType::BF16)?;
+        let got = small_matmul_t(&x, &w)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let want = x
+            .to_dtype(DType::F32)?
+            .matmul(&w.to_dtype(DType::F32)?.t()?)?;
+        let diff = (got.to_dtype(DType::F32)? - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 0.05, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_row_is_bit_identical_alone_and_batched() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, n, k) = (7, 40, 96);
+        let x = Tensor::from_vec(data(m * k, 5), (m, k), &dev)?;
+        let w = Tensor::from_vec(data(n * k, 6), (n, k), &dev)?;
+        let batched: Vec<Vec<f32>> = small_matmul_t(&x, &w)?.to_vec2()?;
+        for (i, row) in batched.iter().enumerate() {
+            let alone: Vec<Vec<f32>> = small_matmul_t(&x.narrow(0, i, 1)?, &w)?.to_vec2()?;
+            assert_eq!(&alone[0], row, "row {i}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_inner_dims_are_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 8), DType::F32, &dev)?;
+        let w = Tensor::zeros((3, 9), DType::F32, &dev)?;
+        assert!(small_matmul_t(&x, &w).is_err());
+        Ok(())
+    }
+}
