@@ -38,6 +38,7 @@ fn bench_writes_one_json_line_per_configuration() {
     );
     assert!(stdout.contains("roofline"), "{stdout}");
     assert!(stdout.contains("GB/s"), "{stdout}");
+    assert!(stdout.contains("matmul peak"), "{stdout}");
 
     let text = std::fs::read_to_string(&json).unwrap();
     let rows: Vec<serde_json::Value> = text
@@ -58,6 +59,10 @@ fn bench_writes_one_json_line_per_configuration() {
             "roofline_fraction",
             "peak_rss_mb",
             "bandwidth_gb_s",
+            "prefill_gflop",
+            "prefill_gflop_s",
+            "matmul_peak_gflop_s",
+            "prefill_peak_fraction",
         ] {
             let v = row[field].as_f64();
             assert!(

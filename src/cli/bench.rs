@@ -1,9 +1,12 @@
 //! `mixserve bench`: prefill and decode throughput through the real engine, next to what the
-//! machine's memory bandwidth allows (the roofline of a memory-bound decode step).
+//! machine allows: decode against its memory bandwidth (the roofline of a memory-bound decode
+//! step), prefill against its measured matrix-multiply peak.
 //!
 //! Decode on CPU reads every weight it uses once per step, whatever the batch, so the ceiling
 //! on tokens/s is `batch × bandwidth / bytes read per step`; how close the engine gets says
-//! whether time goes to memory traffic or to overhead.
+//! whether time goes to memory traffic or to overhead. Prefill multiplies whole prompts by the
+//! weights, so its ceiling is compute: its FLOPs over its time, as a fraction of the GFLOP/s a
+//! large square matrix product reaches on the same device.
 
 use super::synthetic::{self, splitmix64, SyntheticKind};
 use super::{parse_bytes, parse_device, EngineArgs, ModelArgs};
@@ -13,7 +16,7 @@ use crate::loader::{select_dtype, DTypeArg, WeightSource};
 use crate::model::MoeModel;
 use crate::text::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -75,6 +78,10 @@ pub struct BenchArgs {
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     pub bandwidth_buffer: u64,
 
+    /// Side of the square matrix product that measures the matmul peak (larger on a GPU).
+    #[arg(long, default_value_t = 1024)]
+    pub matmul_size: usize,
+
     /// Write one JSON object per line per configuration to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -92,11 +99,24 @@ struct Row {
     concurrency: usize,
     prefill_tok_s: f64,
     prefill_ttft_s: f64,
+    prefill_flops: f64,
+    /// GFLOP/s of the matmul peak in this row's dtype.
+    matmul_peak_gflop_s: f64,
     ttft_s: f64,
     decode_tok_s: f64,
     roofline: Roofline,
     roofline_tok_s: f64,
     peak_rss_mb: Option<f64>,
+}
+
+impl Row {
+    fn prefill_gflop_s(&self) -> f64 {
+        self.prefill_flops / self.prefill_ttft_s / 1e9
+    }
+
+    fn prefill_peak_fraction(&self) -> f64 {
+        self.prefill_gflop_s() / self.matmul_peak_gflop_s
+    }
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -123,6 +143,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         bandwidth / 1e9,
         bytesize::ByteSize(args.bandwidth_buffer)
     );
+    let mut peaks = Vec::new();
+    for &dtype_arg in &args.dtype {
+        // `auto` may resolve otherwise once the checkpoint is read: then measured again below.
+        let dtype = select_dtype(dtype_arg, None, &device);
+        matmul_peak_of(&mut peaks, dtype, args.matmul_size, &device)?;
+    }
 
     let mut prompt_seed = 0u64;
     let mut header_done = false;
@@ -136,6 +162,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             header_done = true;
         }
         let dtype = model.dtype();
+        let matmul_peak = matmul_peak_of(&mut peaks, dtype, args.matmul_size, &device)?;
         let cfg = model.config().clone();
         let mut config = args.engine.config(&model)?;
         config.num_blocks = kv_blocks(&args, &model, config.block_size)?;
@@ -152,6 +179,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let t = run_batch(&engine, vec![next_prompt(args.prompt_tokens)], 1)?;
         let prefill_ttft_s = t[0][0];
         let prefill_tok_s = args.prompt_tokens as f64 / prefill_ttft_s;
+        let prefill_flops = prefill_flops(&cfg, args.prompt_tokens);
 
         for &c in &args.concurrency {
             let can_reset = reset_peak_rss();
@@ -170,6 +198,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 concurrency: c,
                 prefill_tok_s,
                 prefill_ttft_s,
+                prefill_flops,
+                matmul_peak_gflop_s: matmul_peak / 1e9,
                 ttft_s: s.mean_ttft_s,
                 decode_tok_s: s.decode_tok_s,
                 roofline_tok_s: c as f64 * bandwidth / roofline.bytes_per_step,
@@ -213,6 +243,9 @@ fn validate(args: &BenchArgs) -> Result<()> {
     if args.bandwidth_buffer < 1 << 20 {
         bail!("--bandwidth-buffer must be at least 1MiB (and far larger than the caches)");
     }
+    if args.matmul_size == 0 {
+        bail!("--matmul-size must be at least 1");
+    }
     Ok(())
 }
 
@@ -232,6 +265,7 @@ fn load(
             dtype: dtype_arg,
             device: args.device.clone(),
             experts_per_token: args.experts_per_token,
+            quant: None,
             chat_template: None,
             engine: args.engine.clone(),
         };
@@ -433,6 +467,68 @@ impl Roofline {
     }
 }
 
+/// FLOPs of prefilling a `tokens`-long prompt as the engine computes it (2 per multiply-add):
+/// per token and layer the attention projections (q, k, v, o), the router and the k routed
+/// experts' three projections; per layer the attention scores and weighted values, each query
+/// against the keys before it (causal, within the sliding window); and the LM head of the last
+/// position only (no other logits are computed without prompt logprobs). Norms, rotary and
+/// softmax are left out. Each chunk's attention also computes the masked part of its square of
+/// scores; that work is not counted, as it is not needed.
+fn prefill_flops(cfg: &MoeConfig, tokens: usize) -> f64 {
+    let (h, q, kv) = (
+        cfg.hidden_size as f64,
+        cfg.q_dim() as f64,
+        cfg.kv_dim() as f64,
+    );
+    let per_token = 2.0
+        * (h * (q + 2.0 * kv)
+            + q * h
+            + cfg.num_experts as f64 * h
+            + cfg.experts_per_token as f64 * 3.0 * h * cfg.intermediate_size as f64);
+    let window = cfg.sliding_window.unwrap_or(usize::MAX);
+    let keys: f64 = (1..=tokens).map(|p| p.min(window) as f64).sum();
+    let attention = 2.0 * 2.0 * q * keys;
+    let lm_head = 2.0 * h * cfg.vocab_size as f64;
+    cfg.num_layers as f64 * (tokens as f64 * per_token + attention) + lm_head
+}
+
+/// The matmul peak in `dtype` (FLOP/s), measured and printed the first time it is asked for.
+fn matmul_peak_of(
+    peaks: &mut Vec<(DType, f64)>,
+    dtype: DType,
+    n: usize,
+    device: &Device,
+) -> Result<f64> {
+    if let Some(&(_, peak)) = peaks.iter().find(|(d, _)| *d == dtype) {
+        return Ok(peak);
+    }
+    let peak = matmul_peak(n, dtype, device)?;
+    println!(
+        "matmul peak: {:.1} GFLOP/s ({n}x{n} by {n}x{n}, {}, best of 5)",
+        peak / 1e9,
+        dtype.as_str()
+    );
+    peaks.push((dtype, peak));
+    Ok(peak)
+}
+
+/// FLOP/s of an `n`×`n` by `n`×`n` matrix product in `dtype`, best of five after a warm-up.
+fn matmul_peak(n: usize, dtype: DType, device: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    a.matmul(&b)?;
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (n as f64).powi(3) / best)
+}
+
 /// Streams `bytes` of u64s from memory, split over `threads`, best of three passes; bytes/s.
 fn memory_bandwidth(bytes: u64, threads: usize) -> Result<f64> {
     let n = usize::try_from(bytes / 8).context("--bandwidth-buffer is too large")?;
@@ -501,8 +597,13 @@ fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option
         load_peak.map_or("n/a".into(), |m| format!("{m:.0} MB")),
     );
     println!(
-        "prefill: one {}-token prompt, max_tokens 1 (prefill tok/s = prompt / its TTFT)",
-        args.prompt_tokens
+        "prefill: one {}-token prompt, max_tokens 1 (prefill tok/s = prompt / its TTFT); {:.2} \
+         GFLOP = per token 2 x (q,k,v,o + router + {} experts x 3 projections) + causal \
+         attention (2 x 2 x query x keys x heads x head_dim) + the LM head of the last position \
+         only; GFLOP/s = GFLOP / TTFT, against the matmul peak of its dtype",
+        args.prompt_tokens,
+        prefill_flops(cfg, args.prompt_tokens) / 1e9,
+        cfg.experts_per_token
     );
     println!(
         "decode: N requests of {} distinct prompt tokens submitted at once, {} tokens each, EOS \
@@ -518,11 +619,13 @@ fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option
     );
     println!("peak RSS: VmHWM during each configuration (reset before it)");
     println!(
-        "{:>5} {:>5} {:>13} {:>8} {:>8} {:>12} {:>8} {:>9} {:>14} {:>9} {:>12}",
+        "{:>5} {:>5} {:>13} {:>8} {:>8} {:>8} {:>8} {:>12} {:>8} {:>9} {:>14} {:>9} {:>12}",
         "dtype",
         "N",
         "prefill tok/s",
         "prefill",
+        "GFLOP/s",
+        "of peak",
         "TTFT s",
         "decode tok/s",
         "experts",
@@ -535,11 +638,13 @@ fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option
 
 fn print_row(r: &Row) {
     println!(
-        "{:>5} {:>5} {:>13.1} {:>7.3}s {:>8.3} {:>12.2} {:>8.2} {:>9.1} {:>14.2} {:>8.1}% {:>12}",
+        "{:>5} {:>5} {:>13.1} {:>7.3}s {:>8.1} {:>7.1}% {:>8.3} {:>12.2} {:>8.2} {:>9.1} {:>14.2} {:>8.1}% {:>12}",
         r.dtype.as_str(),
         r.concurrency,
         r.prefill_tok_s,
         r.prefill_ttft_s,
+        r.prefill_gflop_s(),
+        100.0 * r.prefill_peak_fraction(),
         r.ttft_s,
         r.decode_tok_s,
         r.roofline.experts_per_layer,
@@ -564,6 +669,10 @@ fn json_line(name: &str, r: &Row, bandwidth: f64, load_peak: Option<f64>) -> ser
         "peak_rss_mb": r.peak_rss_mb,
         "bandwidth_gb_s": bandwidth / 1e9,
         "prefill_ttft_s": r.prefill_ttft_s,
+        "prefill_gflop": r.prefill_flops / 1e9,
+        "prefill_gflop_s": r.prefill_gflop_s(),
+        "matmul_peak_gflop_s": r.matmul_peak_gflop_s,
+        "prefill_peak_fraction": r.prefill_peak_fraction(),
         "bytes_per_step": r.roofline.bytes_per_step,
         "experts_per_layer_step": r.roofline.experts_per_layer,
         "load_peak_rss_mb": load_peak,
@@ -603,6 +712,25 @@ mod tests {
         // After 0.020: tokens at 0.030, 0.040 (first) and 0.030, 0.040, 0.050 (second).
         assert!((s.decode_tok_s - 5.0 / 0.030).abs() < 1e-6, "{s:?}");
         assert!(summarize(&[vec![0.01]]).is_none());
+    }
+
+    #[test]
+    fn prefill_flops_count_projections_experts_causal_attention_and_one_lm_head_row() {
+        let kind = SyntheticKind::Mixtral;
+        let json = synthetic::config_json(kind, kind.full_dims());
+        let cfg = MoeConfig::from_json_str(&json, "config.json").unwrap();
+        // hidden 1024, q 1024, k/v 256 each, 8 experts top-2 of ffn 3584, vocab 32000, 8 layers.
+        let per_token = 2.0 * (1024.0 * 1536.0 + 1024.0 * 1024.0 + 8.0 * 1024.0)
+            + 2.0 * 2.0 * 3.0 * 1024.0 * 3584.0;
+        let attention = 4.0 * 1024.0 * (512.0 * 513.0 / 2.0);
+        let want = 8.0 * (512.0 * per_token + attention) + 2.0 * 1024.0 * 32000.0;
+        assert_eq!(prefill_flops(&cfg, 512), want);
+        // A sliding window of 1 leaves each query one key.
+        let mut windowed = cfg.clone();
+        windowed.sliding_window = Some(1);
+        let attention = 4.0 * 1024.0 * 512.0;
+        let want = 8.0 * (512.0 * per_token + attention) + 2.0 * 1024.0 * 32000.0;
+        assert_eq!(prefill_flops(&windowed, 512), want);
     }
 
     #[test]
