@@ -8,7 +8,7 @@ pub mod synthetic;
 use crate::config::MoeConfig;
 use crate::engine::{Engine, EngineConfig, SchedulerConfig};
 use crate::loader::{self, DTypeArg, ModelFiles, WeightSource};
-use crate::model::{MoeModel, DEFAULT_BLOCK_SIZE};
+use crate::model::{MoeModel, Quant, DEFAULT_BLOCK_SIZE};
 use crate::text::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -35,6 +35,11 @@ pub struct ModelArgs {
     /// Device: cpu, cuda[:N] (build with --features cuda) or metal[:N] (--features metal).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+
+    /// Quantize the attention, expert and LM-head weights as they load (llama.cpp's
+    /// formats); embeddings, norms and routers stay unquantized.
+    #[arg(long, value_enum)]
+    pub quant: Option<Quant>,
 
     /// Override the number of experts each token is routed to (1..=number of experts).
     #[arg(long)]
@@ -124,11 +129,12 @@ impl ModelArgs {
             experts = cfg.num_experts,
             experts_per_token = cfg.experts_per_token,
             ?dtype,
+            quant = self.quant.map(Quant::name),
             ?device,
             "loading"
         );
         let weights = WeightSource::open(&files.weights, &device, dtype)?;
-        let model = MoeModel::load(&cfg, &weights)
+        let model = MoeModel::load_quantized(&cfg, &weights, self.quant)
             .with_context(|| format!("building the model from {}", files.dir.display()))?;
         let mut tokenizer = Tokenizer::from_files(
             &files.tokenizer,

@@ -4,6 +4,7 @@
 use super::attention::{Attention, QkvProj};
 use super::layers::{Linear, Norm};
 use super::moe::{Expert, MoeBlock};
+use super::quant::Quantizer;
 use super::{DecoderLayer, ModelError};
 use crate::config::MoeConfig;
 use crate::loader::WeightSource;
@@ -14,6 +15,7 @@ pub(super) const FINAL_NORM: &str = "transformer.norm_f.weight";
 pub(super) fn load_layer(
     cfg: &MoeConfig,
     w: &WeightSource,
+    q: &Quantizer,
     i: usize,
 ) -> Result<DecoderLayer, ModelError> {
     let p = format!("transformer.blocks.{i}");
@@ -21,13 +23,13 @@ pub(super) fn load_layer(
     let qkv_rows = cfg.q_dim() + 2 * cfg.kv_dim();
     let attn = Attention::new(
         QkvProj::Fused {
-            wqkv: Linear::new(w.get(
+            wqkv: q.linear(w.get(
                 &format!("{p}.norm_attn_norm.attn.Wqkv.weight"),
                 &[qkv_rows, h],
             )?)?,
             clip: cfg.clip_qkv,
         },
-        Linear::new(w.get(
+        q.linear(w.get(
             &format!("{p}.norm_attn_norm.attn.out_proj.weight"),
             &[h, cfg.q_dim()],
         )?)?,
@@ -37,6 +39,7 @@ pub(super) fn load_layer(
     );
     // w1 (gate), v1 (up), w2 (down) are fused `[experts * ffn, hidden]` tensors without a
     // `.weight` suffix; each expert's rows are read on their own from the mapping.
+    // Never quantized: it is small, and its choices decide everything after it.
     let router = Linear::new(w.get(&format!("{p}.ffn.router.layer.weight"), &[ne, h])?)?;
     let fused = [ne * ffn, h];
     let mlp = format!("{p}.ffn.experts.mlp");
@@ -44,10 +47,10 @@ pub(super) fn load_layer(
     for e in 0..ne {
         let rows = |name: &str| w.get_rows(&format!("{mlp}.{name}"), &fused, e * ffn, ffn);
         experts.push(Expert {
-            gate: Linear::new(rows("w1")?)?,
-            up: Linear::new(rows("v1")?)?,
+            gate: q.linear(rows("w1")?)?,
+            up: q.linear(rows("v1")?)?,
             // Stored `[ffn, hidden]` per expert: transposed once here to `[out, in]`.
-            down: Linear::new(rows("w2")?.t()?)?,
+            down: q.linear(rows("w2")?.t()?)?,
         });
     }
     let moe = MoeBlock::new(

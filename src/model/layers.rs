@@ -3,7 +3,9 @@
 use super::small_matmul;
 use crate::config::Activation;
 use crate::config::NormKind;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use std::sync::Arc;
 
 /// RMSNorm (Mixtral) or LayerNorm without bias (DBRX), over the last dimension.
 pub struct Norm {
@@ -39,30 +41,51 @@ impl Norm {
     }
 }
 
-/// A bias-free projection `x @ W^T` with `W` stored `[out, in]` as in the checkpoints.
-pub struct Linear {
-    weight: Tensor,
+/// A bias-free projection `x @ W^T` with `W` stored `[out, in]` as in the checkpoints, kept
+/// as loaded or quantized (see `quant.rs`).
+pub enum Linear {
+    Dense(Tensor),
+    Quantized { q: Arc<QTensor>, mm: QMatMul },
 }
 
 impl Linear {
+    /// Quantized weights: the small-batch kernels on the CPU, candle's quantized matmul
+    /// elsewhere.
+    pub fn quantized(q: QTensor) -> Result<Self> {
+        let q = Arc::new(q);
+        let mm = QMatMul::from_arc(q.clone())?;
+        Ok(Self::Quantized { q, mm })
+    }
+
     /// `weight`: `[out, in]`, made contiguous (the small-batch kernel reads its rows).
     pub fn new(weight: Tensor) -> Result<Self> {
-        Ok(Self {
-            weight: weight.contiguous()?,
-        })
+        Ok(Self::Dense(weight.contiguous()?))
     }
 
+    /// The dtype its input is best given in (quantized products take f32).
     pub fn dtype(&self) -> DType {
-        self.weight.dtype()
+        match self {
+            Self::Dense(w) => w.dtype(),
+            Self::Quantized { .. } => DType::F32,
+        }
     }
 
-    /// `xs`: `[n, in]` → `[n, out]`. Decode-sized batches on the CPU take the small-batch
-    /// kernel, which streams the weight once for all rows.
+    /// `xs`: `[n, in]` → `[n, out]`, in the dtype of `xs`. Decode-sized batches on the CPU
+    /// take the small-batch kernel, which streams the weight once for all rows.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if small_matmul::applies(xs, &self.weight) {
-            small_matmul::small_matmul_t(&xs.contiguous()?, &self.weight)
-        } else {
-            matmul_few_rows(xs, &self.weight.t()?)
+        match self {
+            Self::Dense(w) if small_matmul::applies(xs, w) => {
+                small_matmul::small_matmul_t(&xs.contiguous()?, w)
+            }
+            Self::Dense(w) => matmul_few_rows(xs, &w.t()?),
+            Self::Quantized { q, mm } => {
+                let x = xs.to_dtype(DType::F32)?.contiguous()?;
+                let y = match small_matmul::quantized_matmul_t(&x, q)? {
+                    Some(y) => y,
+                    None => mm.forward(&x)?,
+                };
+                y.to_dtype(xs.dtype())
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 use super::attention::{Attention, QkvProj};
 use super::layers::{Linear, Norm};
 use super::moe::{Expert, MoeBlock};
+use super::quant::Quantizer;
 use super::{DecoderLayer, ModelError};
 use crate::config::MoeConfig;
 use crate::loader::WeightSource;
@@ -13,12 +14,13 @@ pub(super) const FINAL_NORM: &str = "model.norm.weight";
 pub(super) fn load_layer(
     cfg: &MoeConfig,
     w: &WeightSource,
+    q: &Quantizer,
     i: usize,
 ) -> Result<DecoderLayer, ModelError> {
     let p = format!("model.layers.{i}");
     let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
     let lin = |name: &str, shape: &[usize]| -> Result<Linear, ModelError> {
-        Ok(Linear::new(w.get(&format!("{p}.{name}.weight"), shape)?)?)
+        Ok(q.linear(w.get(&format!("{p}.{name}.weight"), shape)?)?)
     };
     let qkv = QkvProj::Separate {
         q: lin("self_attn.q_proj", &[cfg.q_dim(), h])?,
@@ -33,7 +35,11 @@ pub(super) fn load_layer(
         cfg.head_dim,
     );
     // The router first: its shape is the clearest sign of a config/weights mismatch.
-    let router = lin("block_sparse_moe.gate", &[cfg.num_experts, h])?;
+    // Never quantized: it is small, and its choices decide everything after it.
+    let router = Linear::new(w.get(
+        &format!("{p}.block_sparse_moe.gate.weight"),
+        &[cfg.num_experts, h],
+    )?)?;
     let mut experts = Vec::with_capacity(cfg.num_experts);
     for e in 0..cfg.num_experts {
         let ep = format!("block_sparse_moe.experts.{e}");

@@ -8,10 +8,12 @@ mod kv_cache;
 mod layers;
 mod mixtral;
 pub mod moe;
+mod quant;
 pub mod small_matmul;
 
 pub use batch::{Batch, SeqInput};
 pub use kv_cache::{KvCache, DEFAULT_BLOCK_SIZE};
+pub use quant::Quant;
 
 use crate::config::{Family, MoeConfig};
 use crate::loader::{WeightError, WeightSource};
@@ -20,6 +22,7 @@ use batch::{BatchShape, PreparedBatch};
 use candle_core::{DType, Device, Tensor};
 use layers::{Linear, Norm, RotaryEmbedding};
 use moe::MoeBlock;
+use quant::Quantizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -62,6 +65,7 @@ impl Globals {
     fn load(
         cfg: &MoeConfig,
         w: &WeightSource,
+        q: &Quantizer,
         embed_name: &str,
         norm_name: &str,
     ) -> Result<Self, ModelError> {
@@ -75,7 +79,7 @@ impl Globals {
         Ok(Self {
             embed,
             final_norm: Norm::new(cfg.norm, w.get(norm_name, &[h])?)?,
-            lm_head: Linear::new(lm_head_f32(lm_head)?)?,
+            lm_head: q.linear(lm_head_f32(lm_head)?)?,
         })
     }
 }
@@ -87,24 +91,38 @@ pub struct MoeModel {
     final_norm: Norm,
     lm_head: Linear,
     rope: RotaryEmbedding,
+    quant: Option<Quant>,
 }
 
 impl MoeModel {
     /// Builds the model from a checkpoint's weights; every tensor's shape is checked against
     /// the config, so a config that disagrees with the weights fails here, naming the tensor.
     pub fn load(cfg: &MoeConfig, weights: &WeightSource) -> Result<Self, ModelError> {
-        let globals = match cfg.family {
-            Family::Mixtral => Globals::load(cfg, weights, mixtral::EMBED, mixtral::FINAL_NORM)?,
-            Family::Dbrx => Globals::load(cfg, weights, dbrx::EMBED, dbrx::FINAL_NORM)?,
+        Self::load_quantized(cfg, weights, None)
+    }
+
+    /// [`MoeModel::load`], quantizing the attention, expert and LM-head weights as they are
+    /// read when `quant` is given (embeddings, norms and routers stay as loaded).
+    pub fn load_quantized(
+        cfg: &MoeConfig,
+        weights: &WeightSource,
+        quant: Option<Quant>,
+    ) -> Result<Self, ModelError> {
+        let q = Quantizer::new(quant);
+        let (embed, norm) = match cfg.family {
+            Family::Mixtral => (mixtral::EMBED, mixtral::FINAL_NORM),
+            Family::Dbrx => (dbrx::EMBED, dbrx::FINAL_NORM),
         };
+        let globals = Globals::load(cfg, weights, &q, embed, norm)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             layers.push(match cfg.family {
-                Family::Mixtral => mixtral::load_layer(cfg, weights, i)?,
-                Family::Dbrx => dbrx::load_layer(cfg, weights, i)?,
+                Family::Mixtral => mixtral::load_layer(cfg, weights, &q, i)?,
+                Family::Dbrx => dbrx::load_layer(cfg, weights, &q, i)?,
             });
         }
         weights.finish();
+        q.report();
         let rope = RotaryEmbedding::new(
             cfg.rope_theta,
             cfg.head_dim,
@@ -119,6 +137,7 @@ impl MoeModel {
             final_norm: globals.final_norm,
             lm_head: globals.lm_head,
             rope,
+            quant,
         })
     }
 
@@ -128,6 +147,11 @@ impl MoeModel {
 
     pub fn dtype(&self) -> DType {
         self.embed.dtype()
+    }
+
+    /// The format the projections were quantized to on load, if any.
+    pub fn quant(&self) -> Option<Quant> {
+        self.quant
     }
 
     pub fn device(&self) -> &Device {

@@ -13,6 +13,7 @@
 //! sits in the batch, so a sequence gets bit-identical results alone or batched.
 
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -74,19 +75,12 @@ impl CustomOp2 for SmallBatchMatmul {
             bail!("small-batch matmul: x is [{m}, {k}] but the weight is [{n}, {wk}]");
         }
         let x = activations_f32(xs, xl)?;
-        let out_t = match ws {
-            CpuStorage::F32(d) => products(&x, m, contiguous(d, wl)?, n, k),
-            CpuStorage::BF16(d) => products(&x, m, contiguous(d, wl)?, n, k),
-            CpuStorage::F16(d) => products(&x, m, contiguous(d, wl)?, n, k),
+        let out = match ws {
+            CpuStorage::F32(d) => matmul_rows(&x, m, contiguous(d, wl)?, n, k),
+            CpuStorage::BF16(d) => matmul_rows(&x, m, contiguous(d, wl)?, n, k),
+            CpuStorage::F16(d) => matmul_rows(&x, m, contiguous(d, wl)?, n, k),
             other => bail!("small-batch matmul: unsupported dtype {:?}", other.dtype()),
         };
-        // The workers fill [n, m] (each owns a contiguous run of columns); transpose to [m, n].
-        let mut out = vec![0f32; m * n];
-        for (j, col) in out_t.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                out[i * n + j] = *v;
-            }
-        }
         let storage = match xs.dtype() {
             DType::F32 => CpuStorage::F32(out),
             DType::BF16 => CpuStorage::BF16(out.iter().map(|&v| bf16::from_f32(v)).collect()),
@@ -97,10 +91,13 @@ impl CustomOp2 for SmallBatchMatmul {
     }
 }
 
-/// A weight element type the kernels can widen to f32.
+/// A weight format the kernels read: plain floats, or GGML's blocks of 32 with a scale.
 pub trait WeightElem: Copy + Send + Sync + 'static {
-    fn to_f32(self) -> f32;
-    /// The dot-tile kernel for this type: the SIMD one when the CPU has it.
+    /// Weights per element of a row slice (1 for floats, 32 for a block).
+    const PER: usize;
+    /// The weight at index `q` of a row, as f32.
+    fn get(row: &[Self], q: usize) -> f32;
+    /// The dot-tile kernel for this format: the SIMD one when the CPU has it.
     fn tile_kernel() -> TileFn<Self>;
 }
 
@@ -108,11 +105,24 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
 /// rows into `out[i * c + ci]`.
 pub type TileFn<W> = fn(&[&[f32]], &[&[W]], &mut [f32]);
 
+/// Whether this CPU has the SIMD kernels (otherwise a portable, slower path runs).
+pub fn has_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 macro_rules! weight_elem {
-    ($ty:ty, $widen:expr) => {
+    ($ty:ty, $per:expr, $get:expr) => {
         impl WeightElem for $ty {
-            fn to_f32(self) -> f32 {
-                $widen(self)
+            const PER: usize = $per;
+            fn get(row: &[Self], q: usize) -> f32 {
+                $get(row, q)
             }
             fn tile_kernel() -> TileFn<Self> {
                 #[cfg(target_arch = "x86_64")]
@@ -124,14 +134,115 @@ macro_rules! weight_elem {
         }
     };
 }
-weight_elem!(f32, |v: f32| v);
-weight_elem!(bf16, bf16::to_f32);
-weight_elem!(f16, f16::to_f32);
+weight_elem!(f32, 1, |r: &[f32], q: usize| r[q]);
+weight_elem!(bf16, 1, |r: &[bf16], q: usize| r[q].to_f32());
+weight_elem!(f16, 1, |r: &[f16], q: usize| r[q].to_f32());
+weight_elem!(BlockQ8_0, 32, |r: &[BlockQ8_0], q: usize| {
+    let b = &r[q / 32];
+    b.scale() * b.qs[q % 32] as f32
+});
+weight_elem!(BlockQ4_0, 32, |r: &[BlockQ4_0], q: usize| {
+    let b = &r[q / 32];
+    let byte = b.qs[q % 16];
+    let nibble = if q % 32 < 16 { byte & 0x0F } else { byte >> 4 };
+    b.scale() * (nibble as i32 - 8) as f32
+});
+
+/// GGML's q8_0 block, as candle stores it: an f16 scale, then 32 signed 8-bit weights.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ8_0 {
+    d: [u8; 2],
+    qs: [i8; 32],
+}
+
+/// GGML's q4_0 block: an f16 scale, then 16 bytes whose low nibbles are weights 0..16 and
+/// high nibbles weights 16..32, each offset by 8.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ4_0 {
+    d: [u8; 2],
+    qs: [u8; 16],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+
+impl BlockQ8_0 {
+    fn scale(&self) -> f32 {
+        f16::from_le_bytes(self.d).to_f32()
+    }
+}
+
+impl BlockQ4_0 {
+    fn scale(&self) -> f32 {
+        f16::from_le_bytes(self.d).to_f32()
+    }
+}
+
+/// Reads GGML block bytes (candle's `QTensor::data`) as blocks of `B`.
+pub fn as_blocks<B: WeightElem>(bytes: &[u8]) -> Result<&[B]> {
+    let size = std::mem::size_of::<B>();
+    if B::PER != 32 || !bytes.len().is_multiple_of(size) {
+        bail!("{} bytes are not whole blocks of {size}", bytes.len());
+    }
+    // SAFETY: the block types are `repr(C)` byte arrays (alignment 1, no invalid values),
+    // and the length was checked to be a whole number of blocks.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, bytes.len() / size) })
+}
+
+/// `x [m, k] @ W^T` for `W` given as `n` rows of `k / W::PER` elements: `[m, n]` row-major.
+pub fn matmul_rows<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
+    let out_t = products(x, m, w, n, k);
+    let mut out = vec![0f32; m * n];
+    for (j, col) in out_t.chunks_exact(m.max(1)).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
+    out
+}
+
+/// `xs @ W^T` for GGML-quantized weights on the CPU, with f32 activations (weights-only
+/// quantization: only the weights are rounded, unlike GGML's kernels, which also round the
+/// activations to 8 bits). Decode-sized batches run the small-batch kernel on the blocks;
+/// larger ones multiply by the dequantized weight, which for hundreds of rows costs little
+/// next to the product and keeps prefill and decode numerically alike. `None` for formats
+/// or CPUs without a kernel here (the caller then uses candle's quantized matmul).
+pub fn quantized_matmul_t(xs: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
+    if !xs.device().is_cpu() || !has_simd() || xs.rank() != 2 {
+        return Ok(None);
+    }
+    match q.dtype() {
+        GgmlDType::Q8_0 => quantized::<BlockQ8_0>(xs, q).map(Some),
+        GgmlDType::Q4_0 => quantized::<BlockQ4_0>(xs, q).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn quantized<B: WeightElem>(xs: &Tensor, q: &QTensor) -> Result<Tensor> {
+    let (m, k) = xs.dims2()?;
+    let (n, wk) = q.shape().dims2()?;
+    if k != wk {
+        bail!("quantized matmul: x is [{m}, {k}] but the weight is [{n}, {wk}]");
+    }
+    let xs = xs.to_dtype(DType::F32)?;
+    if m > MAX_ROWS {
+        return xs.matmul(&q.dequantize(xs.device())?.t()?);
+    }
+    let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+    let data = q.data()?;
+    let out = matmul_rows(&x, m, as_blocks::<B>(&data)?, n, k);
+    Tensor::from_vec(out, (m, n), xs.device())
+}
 
 /// Activation rows per register block, and weight rows per kernel call (whose reads from
 /// DRAM are shared by all the activation rows).
 const TILE_ROWS: usize = 4;
 const TILE_COLS: usize = 8;
+
+/// The least work worth handing to another thread.
+const MIN_WEIGHTS_PER_TASK: usize = 64 * 1024;
 
 /// All `m x n` products, returned column-major (`[n, m]`).
 fn products<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
@@ -140,34 +251,40 @@ fn products<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> 
         return out_t;
     }
     let kernel = W::tile_kernel();
-    // Enough chunks to balance the pool, each big enough to amortise its scheduling.
+    let kw = k / W::PER;
+    // Chunks of at least ~64K weights (the pool's hand-off costs microseconds), and enough
+    // of them to balance the pool; small products run on the calling thread.
     let threads = rayon::current_num_threads().max(1);
+    let min_cols = (MIN_WEIGHTS_PER_TASK / k.max(1)).max(1);
     let cols = n
-        .div_ceil(threads * 8)
-        .clamp(TILE_COLS, 256)
+        .div_ceil(threads * 4)
+        .max(min_cols)
+        .clamp(TILE_COLS, 512)
         .next_multiple_of(TILE_COLS);
     let x_rows: Vec<&[f32]> = x.chunks_exact(k).collect();
-    out_t
-        .par_chunks_mut(cols * m)
-        .enumerate()
-        .for_each(|(chunk, out)| {
-            let j0 = chunk * cols;
-            let mut tile = vec![0f32; m * TILE_COLS];
-            for (jj, out_cols) in out.chunks_mut(TILE_COLS * m).enumerate() {
-                let j = j0 + jj * TILE_COLS;
-                let c = out_cols.len() / m;
-                let mut w_rows: [&[W]; TILE_COLS] = [&[]; TILE_COLS];
-                for (ci, row) in w_rows.iter_mut().take(c).enumerate() {
-                    *row = &w[(j + ci) * k..(j + ci + 1) * k];
-                }
-                kernel(&x_rows, &w_rows[..c], &mut tile[..m * c]);
-                for i in 0..m {
-                    for ci in 0..c {
-                        out_cols[ci * m + i] = tile[i * c + ci];
-                    }
+    let run = |(chunk, out): (usize, &mut [f32])| {
+        let j0 = chunk * cols;
+        let mut tile = vec![0f32; m * TILE_COLS];
+        for (jj, out_cols) in out.chunks_mut(TILE_COLS * m).enumerate() {
+            let j = j0 + jj * TILE_COLS;
+            let c = out_cols.len() / m;
+            let mut w_rows: [&[W]; TILE_COLS] = [&[]; TILE_COLS];
+            for (ci, row) in w_rows.iter_mut().take(c).enumerate() {
+                *row = &w[(j + ci) * kw..(j + ci + 1) * kw];
+            }
+            kernel(&x_rows, &w_rows[..c], &mut tile[..m * c]);
+            for i in 0..m {
+                for ci in 0..c {
+                    out_cols[ci * m + i] = tile[i * c + ci];
                 }
             }
-        });
+        }
+    };
+    if n <= cols {
+        out_t.chunks_mut(cols * m).enumerate().for_each(run);
+    } else {
+        out_t.par_chunks_mut(cols * m).enumerate().for_each(run);
+    }
     out_t
 }
 
@@ -185,20 +302,15 @@ mod portable {
     }
 
     fn dot<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
+        let k = w.len() * W::PER;
+        let k8 = k / 8 * 8;
         let mut acc = [0f32; 8];
-        let mut xc = x.chunks_exact(8);
-        let mut wc = w.chunks_exact(8);
-        for (xa, wa) in (&mut xc).zip(&mut wc) {
-            for l in 0..8 {
-                acc[l] += xa[l] * wa[l].to_f32();
+        for p in (0..k8).step_by(8) {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a += x[p + l] * W::get(w, p + l);
             }
         }
-        let tail: f32 = xc
-            .remainder()
-            .iter()
-            .zip(wc.remainder())
-            .map(|(a, b)| a * b.to_f32())
-            .sum();
+        let tail: f32 = (k8..k).map(|q| x[q] * W::get(w, q)).sum();
         acc.iter().sum::<f32>() + tail
     }
 }
@@ -207,7 +319,7 @@ mod portable {
 /// across lanes the same way, whatever the tile shape: results do not depend on `m`.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{WeightElem, TILE_COLS, TILE_ROWS};
+    use super::{BlockQ4_0, BlockQ8_0, WeightElem, TILE_COLS, TILE_ROWS};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -220,61 +332,117 @@ mod avx2 {
             && std::is_x86_feature_detected!("f16c")
     }
 
-    /// Loads 8 weights and widens them to f32 lanes.
+    /// Loads 32 weights (from index `p`, a multiple of 32) as four vectors of f32 lanes.
     pub trait Lanes: WeightElem {
         /// # Safety
-        /// `p` must point to 8 readable elements, on a CPU with AVX2, FMA and F16C.
-        unsafe fn load8(p: *const Self) -> __m256;
+        /// `row` must hold weights `p..p + 32`, on a CPU with AVX2, FMA and F16C.
+        unsafe fn load32(row: *const Self, p: usize) -> [__m256; 4];
     }
 
-    impl Lanes for f32 {
+    macro_rules! float_lanes {
+        ($ty:ty, $load8:expr) => {
+            impl Lanes for $ty {
+                #[inline]
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn load32(row: *const Self, p: usize) -> [__m256; 4] {
+                    let at = row.add(p);
+                    _mm_prefetch::<_MM_HINT_T0>((at as *const i8).add(PREFETCH_BYTES));
+                    let load8 = $load8;
+                    [
+                        load8(at),
+                        load8(at.add(8)),
+                        load8(at.add(16)),
+                        load8(at.add(24)),
+                    ]
+                }
+            }
+        };
+    }
+    float_lanes!(f32, |p: *const f32| _mm256_loadu_ps(p));
+    // bf16 is the top half of an f32: widen to 32 bits and shift into place.
+    float_lanes!(bf16, |p: *const bf16| {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    });
+    float_lanes!(f16, |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(
+        p as *const __m128i
+    )));
+
+    /// The block's f16 scale, broadcast.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale(d: *const [u8; 2]) -> __m256 {
+        let h = _mm_set1_epi16(i16::from_le_bytes(*d));
+        _mm256_cvtph_ps(h)
+    }
+
+    impl Lanes for BlockQ8_0 {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load8(p: *const Self) -> __m256 {
-            _mm256_loadu_ps(p)
+        unsafe fn load32(row: *const Self, p: usize) -> [__m256; 4] {
+            let b = row.add(p / 32);
+            _mm_prefetch::<_MM_HINT_T0>((b as *const i8).add(PREFETCH_BYTES));
+            let d = scale(&(*b).d);
+            let q = (*b).qs.as_ptr() as *const __m128i;
+            let lo = _mm_loadu_si128(q);
+            let hi = _mm_loadu_si128(q.add(1));
+            let widen = |v: __m128i| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
+            [
+                widen(lo),
+                widen(_mm_unpackhi_epi64(lo, lo)),
+                widen(hi),
+                widen(_mm_unpackhi_epi64(hi, hi)),
+            ]
         }
     }
 
-    impl Lanes for bf16 {
-        /// bf16 is the top half of an f32: widen to 32 bits and shift into place.
+    impl Lanes for BlockQ4_0 {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load8(p: *const Self) -> __m256 {
-            let h = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-        }
-    }
-
-    impl Lanes for f16 {
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load8(p: *const Self) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        unsafe fn load32(row: *const Self, p: usize) -> [__m256; 4] {
+            let b = row.add(p / 32);
+            _mm_prefetch::<_MM_HINT_T0>((b as *const i8).add(PREFETCH_BYTES));
+            let d = scale(&(*b).d);
+            let bytes = _mm_loadu_si128((*b).qs.as_ptr() as *const __m128i);
+            let mask = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(bytes, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
+            let eight = _mm256_set1_epi32(8);
+            let widen = |v: __m128i| {
+                let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(v), eight);
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
+            };
+            [
+                widen(lo),
+                widen(_mm_unpackhi_epi64(lo, lo)),
+                widen(hi),
+                widen(_mm_unpackhi_epi64(hi, hi)),
+            ]
         }
     }
 
     pub fn tile<W: Lanes>(xs: &[&[f32]], ws: &[&[W]], out: &mut [f32]) {
         let (m, c) = (xs.len(), ws.len());
         assert!(c <= TILE_COLS && out.len() >= m * c);
-        let k = ws.first().map_or(0, |w| w.len());
-        assert!(xs.iter().all(|x| x.len() >= k) && ws.iter().all(|w| w.len() >= k));
-        let k8 = k / 8 * 8;
+        let k = ws.first().map_or(0, |w| w.len() * W::PER);
+        assert!(xs.iter().all(|x| x.len() >= k) && ws.iter().all(|w| w.len() * W::PER >= k));
+        let k32 = k / 32 * 32;
         let full = m / TILE_ROWS * TILE_ROWS;
         // SAFETY: chosen only once `available()` has confirmed the CPU features; every row
-        // holds at least `k8` elements (checked above) and the blocks read no further.
+        // holds at least `k32` weights (checked above) and the blocks read no further.
         unsafe {
             // Two weight rows at a time for every group of 4 activation rows: the pair comes
             // from DRAM once and is re-read from L1 by the following groups.
             let mut j = 0;
             while j + 2 <= c {
                 for i in (0..full).step_by(TILE_ROWS) {
-                    block::<W, 4, 2>(&xs[i..i + 4], &ws[j..j + 2], k8, out, i, j, c);
+                    block::<W, 4, 2>(&xs[i..i + 4], &ws[j..j + 2], k32, out, i, j, c);
                 }
                 j += 2;
             }
             if j < c {
                 for i in (0..full).step_by(TILE_ROWS) {
-                    block::<W, 4, 1>(&xs[i..i + 4], &ws[j..j + 1], k8, out, i, j, c);
+                    block::<W, 4, 1>(&xs[i..i + 4], &ws[j..j + 1], k32, out, i, j, c);
                 }
             }
             // The 1-3 rows left: about 8 accumulators hide the FMA latency, so the fewer
@@ -282,14 +450,15 @@ mod avx2 {
             let rest = &xs[full..];
             match rest.len() {
                 0 => {}
-                1 => columns::<W, 1, 8>(rest, ws, k8, out, full),
-                2 => columns::<W, 2, 4>(rest, ws, k8, out, full),
-                _ => columns::<W, 3, 2>(rest, ws, k8, out, full),
+                1 => columns::<W, 1, 8>(rest, ws, k32, out, full),
+                2 => columns::<W, 2, 4>(rest, ws, k32, out, full),
+                _ => columns::<W, 3, 2>(rest, ws, k32, out, full),
             }
         }
+        // Float rows whose length is not a multiple of 32 end here (blocks never do).
         for (i, x) in xs.iter().enumerate() {
             for (ci, w) in ws.iter().enumerate() {
-                let tail: f32 = (k8..k).map(|q| x[q] * w[q].to_f32()).sum();
+                let tail: f32 = (k32..k).map(|q| x[q] * W::get(w, q)).sum();
                 out[i * c + ci] += tail;
             }
         }
@@ -300,18 +469,18 @@ mod avx2 {
     unsafe fn columns<W: Lanes, const R: usize, const C: usize>(
         xs: &[&[f32]],
         ws: &[&[W]],
-        k8: usize,
+        k32: usize,
         out: &mut [f32],
         i: usize,
     ) {
         let c = ws.len();
         let mut j = 0;
         while j + C <= c {
-            block::<W, R, C>(xs, &ws[j..j + C], k8, out, i, j, c);
+            block::<W, R, C>(xs, &ws[j..j + C], k32, out, i, j, c);
             j += C;
         }
         while j < c {
-            block::<W, R, 1>(xs, &ws[j..j + 1], k8, out, i, j, c);
+            block::<W, R, 1>(xs, &ws[j..j + 1], k32, out, i, j, c);
             j += 1;
         }
     }
@@ -322,7 +491,7 @@ mod avx2 {
     unsafe fn block<W: Lanes, const R: usize, const C: usize>(
         xs: &[&[f32]],
         ws: &[&[W]],
-        k8: usize,
+        k32: usize,
         out: &mut [f32],
         i: usize,
         j: usize,
@@ -338,21 +507,17 @@ mod avx2 {
         }
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut p = 0;
-        while p < k8 {
-            let mut xv = [_mm256_setzero_ps(); R];
-            for r in 0..R {
-                xv[r] = _mm256_loadu_ps(xp[r].add(p));
-            }
+        while p < k32 {
             for c in 0..C {
-                // The weights come from DRAM in short per-row streams: fetch ahead.
-                let ahead = (wp[c].add(p) as *const i8).add(PREFETCH_BYTES);
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                let wv = W::load8(wp[c].add(p));
-                for r in 0..R {
-                    acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+                let wv = W::load32(wp[c], p);
+                for (g, w) in wv.iter().enumerate() {
+                    for r in 0..R {
+                        let x = _mm256_loadu_ps(xp[r].add(p + 8 * g));
+                        acc[r][c] = _mm256_fmadd_ps(x, *w, acc[r][c]);
+                    }
                 }
             }
-            p += 8;
+            p += 32;
         }
         for r in 0..R {
             for c in 0..C {
@@ -464,6 +629,28 @@ mod tests {
         for (i, row) in batched.iter().enumerate() {
             let alone: Vec<Vec<f32>> = small_matmul_t(&x.narrow(0, i, 1)?, &w)?.to_vec2()?;
             assert_eq!(&alone[0], row, "row {i}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_blocks_match_their_dequantized_weights() -> Result<()> {
+        if !has_simd() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (n, k) = (24, 96);
+        let w = Tensor::from_vec(data(n * k, 7), (n, k), &dev)?;
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let q = QTensor::quantize(&w, dtype)?;
+            let deq = q.dequantize(&dev)?;
+            for m in [1, 2, 3, 4, 5, 9, 32, 40] {
+                let x = Tensor::from_vec(data(m * k, m as u32), (m, k), &dev)?;
+                let want = x.matmul(&deq.t()?)?;
+                let got = quantized_matmul_t(&x, &q)?.expect("a kernel for q8_0 and q4_0");
+                let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-4, "{dtype:?} m = {m}: {diff}");
+            }
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use mixserve::config::MoeConfig;
 use mixserve::loader::{self, WeightSource};
-use mixserve::model::{Batch, KvCache, MoeModel};
+use mixserve::model::{Batch, KvCache, MoeModel, Quant};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -19,10 +19,14 @@ pub fn model_dir(name: &str) -> PathBuf {
 }
 
 pub fn load_model(name: &str, dtype: DType) -> MoeModel {
+    load_model_quantized(name, dtype, None)
+}
+
+pub fn load_model_quantized(name: &str, dtype: DType, quant: Option<Quant>) -> MoeModel {
     let files = loader::from_dir(&model_dir(name)).unwrap();
     let cfg = MoeConfig::from_file(&files.config).unwrap();
     let weights = WeightSource::open(&files.weights, &Device::Cpu, dtype).unwrap();
-    MoeModel::load(&cfg, &weights).unwrap()
+    MoeModel::load_quantized(&cfg, &weights, quant).unwrap()
 }
 
 pub struct RefPrompt {
