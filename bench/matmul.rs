@@ -3,8 +3,10 @@
 //! `cargo bench --bench matmul` prints, for the synthetic Mixtral's expert shapes and a few
 //! row counts, the time per product, the weight bytes streamed per second and GFLOP/s.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
-use mixserve::model::small_matmul::small_matmul_t;
+use mixserve::model::small_matmul::{quantized_matmul_t, small_matmul_t};
 use std::time::Instant;
 
 fn time(
@@ -60,6 +62,40 @@ fn main() -> candle_core::Result<()> {
                     flops / small / 1e9,
                 );
             }
+        }
+    }
+    // Quantized weights: candle's kernel (activations rounded to 8 bits) against ours.
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+        let (n, k) = (3584usize, 1024usize);
+        let qs: Vec<QTensor> = (0..8)
+            .map(|_| QTensor::quantize(&Tensor::randn(0f32, 0.02, (n, k), &dev)?, dtype))
+            .collect::<candle_core::Result<_>>()?;
+        let mms: Vec<QMatMul> = qs
+            .iter()
+            .map(|q| QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(&dev)?, dtype)?))
+            .collect::<candle_core::Result<_>>()?;
+        for m in [1usize, 4, 16] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let mut i = 0;
+            let candle = time(20, || {
+                i = (i + 1) % mms.len();
+                mms[i].forward(&x)
+            })?;
+            let ours = time(20, || {
+                i = (i + 1) % qs.len();
+                Ok(quantized_matmul_t(&x, &qs[i])?.unwrap_or(x.clone()))
+            })?;
+            let bytes = qs[0].storage_size_in_bytes() as f64;
+            println!(
+                "{:>6} {m:>5} {n:>6} {k:>6} {:>10.3} {:>9.1} {:>9.1} {:>10.3} {:>9.1} {:>9.1}",
+                format!("{dtype:?}"),
+                candle * 1e3,
+                bytes / candle / 1e9,
+                (2 * m * n * k) as f64 / candle / 1e9,
+                ours * 1e3,
+                bytes / ours / 1e9,
+                (2 * m * n * k) as f64 / ours / 1e9,
+            );
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ use super::{parse_bytes, parse_device, EngineArgs, ModelArgs};
 use crate::config::MoeConfig;
 use crate::engine::{Engine, Event, Request};
 use crate::loader::{select_dtype, DTypeArg, WeightSource};
-use crate::model::MoeModel;
+use crate::model::{MoeModel, Quant};
 use crate::text::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -49,6 +49,11 @@ pub struct BenchArgs {
     /// Compute dtypes to measure, each in turn (repeatable or comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
     pub dtype: Vec<DTypeArg>,
+
+    /// Quantized formats to measure too, each in turn (weights quantized on load, f32
+    /// activations), after the dtypes.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub quant: Vec<Quant>,
 
     /// Device: cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "cpu")]
@@ -96,6 +101,7 @@ pub struct BenchArgs {
 #[derive(Debug, Clone)]
 struct Row {
     dtype: DType,
+    quant: Option<Quant>,
     concurrency: usize,
     prefill_tok_s: f64,
     prefill_ttft_s: f64,
@@ -152,10 +158,17 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 
     let mut prompt_seed = 0u64;
     let mut header_done = false;
-    for &dtype_arg in &args.dtype {
-        // The load's own peak, not the bandwidth buffer's or the previous dtype's.
+    // Each dtype as loaded, then each quantized format with f32 activations.
+    let configs: Vec<(DTypeArg, Option<Quant>)> = args
+        .dtype
+        .iter()
+        .map(|&d| (d, None))
+        .chain(args.quant.iter().map(|&q| (DTypeArg::F32, Some(q))))
+        .collect();
+    for &(dtype_arg, quant) in &configs {
+        // The load's own peak, not the bandwidth buffer's or the previous configuration's.
         let can_reset = reset_peak_rss();
-        let (name, model, tokenizer) = load(&args, dtype_arg, &device)?;
+        let (name, model, tokenizer) = load(&args, dtype_arg, quant, &device)?;
         let load_peak = rss_mb("VmHWM").filter(|_| can_reset);
         if !header_done {
             print_header(&name, model.config(), &args, load_peak);
@@ -192,9 +205,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             // Mean context over the decode steps: the prompt, then half the new tokens.
             let avg_context = (args.decode_prompt_tokens + 1) as f64
                 + (args.decode_tokens.saturating_sub(1)) as f64 / 2.0;
-            let roofline = Roofline::new(&cfg, dtype, c, avg_context);
+            let roofline = Roofline::new(&cfg, dtype, quant, c, avg_context);
             let row = Row {
                 dtype,
+                quant,
                 concurrency: c,
                 prefill_tok_s,
                 prefill_ttft_s,
@@ -254,6 +268,7 @@ fn validate(args: &BenchArgs) -> Result<()> {
 fn load(
     args: &BenchArgs,
     dtype_arg: DTypeArg,
+    quant: Option<Quant>,
     device: &Device,
 ) -> Result<(String, MoeModel, Tokenizer)> {
     let Some(kind) = args.synthetic else {
@@ -265,7 +280,7 @@ fn load(
             dtype: dtype_arg,
             device: args.device.clone(),
             experts_per_token: args.experts_per_token,
-            quant: None,
+            quant,
             chat_template: None,
             engine: args.engine.clone(),
         };
@@ -288,14 +303,14 @@ fn load(
     }
     let dtype = select_dtype(dtype_arg, cfg.torch_dtype.as_deref(), device);
     let weights = WeightSource::from_tensors(tensors, device, dtype)?;
-    let model =
-        MoeModel::load(&cfg, &weights).with_context(|| format!("building {}", kind.name()))?;
+    let model = MoeModel::load_quantized(&cfg, &weights, quant)
+        .with_context(|| format!("building {}", kind.name()))?;
     drop(weights);
     eprintln!(
         "{}: generated and loaded in {:.1}s ({})",
         kind.name(),
         t0.elapsed().as_secs_f64(),
-        dtype.as_str()
+        quant.map_or(dtype.as_str(), Quant::name)
     );
     if tokenizer.vocab_size() > cfg.vocab_size {
         bail!(
@@ -437,9 +452,21 @@ impl Roofline {
     /// norm, the batch's embedding rows, the experts the step touches — `E · (1 − (1 − k/E)^B)`
     /// per layer for `B` tokens routed uniformly — and each sequence's KV cache at
     /// `avg_context` tokens.
-    fn new(cfg: &MoeConfig, dtype: DType, batch: usize, avg_context: f64) -> Self {
+    /// With `quant`, the projections (attention, experts, LM head) count at its bytes per
+    /// weight, scales included; the router and embeddings stay in `dtype`.
+    fn new(
+        cfg: &MoeConfig,
+        dtype: DType,
+        quant: Option<Quant>,
+        batch: usize,
+        avg_context: f64,
+    ) -> Self {
         let w = dtype.size_in_bytes() as f64;
         let f32b = DType::F32.size_in_bytes() as f64;
+        let (proj, head) = match quant {
+            Some(q) => (q.bytes_per_weight(), q.bytes_per_weight()),
+            None => (w, f32b),
+        };
         let (h, q, kv) = (
             cfg.hidden_size as f64,
             cfg.q_dim() as f64,
@@ -451,12 +478,12 @@ impl Roofline {
             batch as f64,
         );
         let layers = cfg.num_layers as f64;
-        let attention = (q + 2.0 * kv) * h * w + h * q * w;
+        let attention = (q + 2.0 * kv) * h * proj + h * q * proj;
         let router = e * h * w;
         let norms = 2.0 * h * f32b;
-        let expert = 3.0 * h * cfg.intermediate_size as f64 * w;
+        let expert = 3.0 * h * cfg.intermediate_size as f64 * proj;
         let experts_per_layer = e * (1.0 - (1.0 - k / e).powf(b));
-        let globals = cfg.vocab_size as f64 * h * f32b + h * f32b + b * h * w;
+        let globals = cfg.vocab_size as f64 * h * head + h * f32b + b * h * w;
         let kv_cache = b * avg_context * kv * 2.0 * layers * w;
         let bytes_per_step =
             layers * (attention + router + norms + experts_per_layer * expert) + globals + kv_cache;
@@ -639,7 +666,7 @@ fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option
 fn print_row(r: &Row) {
     println!(
         "{:>5} {:>5} {:>13.1} {:>7.3}s {:>8.1} {:>7.1}% {:>8.3} {:>12.2} {:>8.2} {:>9.1} {:>14.2} {:>8.1}% {:>12}",
-        r.dtype.as_str(),
+        r.quant.map_or(r.dtype.as_str(), Quant::name),
         r.concurrency,
         r.prefill_tok_s,
         r.prefill_ttft_s,
@@ -659,7 +686,7 @@ fn json_line(name: &str, r: &Row, bandwidth: f64, load_peak: Option<f64>) -> ser
     serde_json::json!({
         "model": name,
         "dtype": r.dtype.as_str(),
-        "quant": null,
+        "quant": r.quant.map(Quant::name),
         "concurrency": r.concurrency,
         "decode_tok_s": r.decode_tok_s,
         "prefill_tok_s": r.prefill_tok_s,
@@ -688,15 +715,20 @@ mod tests {
         let kind = SyntheticKind::Mixtral;
         let json = synthetic::config_json(kind, kind.full_dims());
         let cfg = MoeConfig::from_json_str(&json, "config.json").unwrap();
-        let one = Roofline::new(&cfg, DType::F32, 1, 0.0);
+        let one = Roofline::new(&cfg, DType::F32, None, 1, 0.0);
         assert!((one.experts_per_layer - 2.0).abs() < 1e-9);
-        let many = Roofline::new(&cfg, DType::F32, 64, 0.0);
+        let many = Roofline::new(&cfg, DType::F32, None, 64, 0.0);
         assert!((many.experts_per_layer - 8.0).abs() < 1e-6);
         // bf16 weights halve everything but the f32 LM head and norms.
-        let bf16 = Roofline::new(&cfg, DType::BF16, 1, 0.0);
+        let bf16 = Roofline::new(&cfg, DType::BF16, None, 1, 0.0);
         assert!(bf16.bytes_per_step < one.bytes_per_step * 0.6);
         // Per token, batching reads fewer bytes.
         assert!(many.bytes_per_step / 64.0 < one.bytes_per_step / 4.0);
+        // q8_0 projections: 34 bytes per 32 weights, about 0.27 of f32 (router, embeddings and
+        // KV stay f32).
+        let q8 = Roofline::new(&cfg, DType::F32, Some(Quant::Q8_0), 1, 0.0);
+        let ratio = q8.bytes_per_step / one.bytes_per_step;
+        assert!((0.26..0.30).contains(&ratio), "{ratio}");
     }
 
     #[test]
