@@ -146,13 +146,13 @@ weight_elem!(bf16, 1, |r: &[bf16], q: usize| r[q].to_f32());
 weight_elem!(f16, 1, |r: &[f16], q: usize| r[q].to_f32());
 weight_elem!(BlockQ8_0, 32, |r: &[BlockQ8_0], q: usize| {
     let b = &r[q / 32];
-    b.scale() * b.qs[q % 32] as f32
+    block_scale(b.d) * b.qs[q % 32] as f32
 });
 weight_elem!(BlockQ4_0, 32, |r: &[BlockQ4_0], q: usize| {
     let b = &r[q / 32];
     let byte = b.qs[q % 16];
     let nibble = if q % 32 < 16 { byte & 0x0F } else { byte >> 4 };
-    b.scale() * (nibble as i32 - 8) as f32
+    block_scale(b.d) * (nibble as i32 - 8) as f32
 });
 
 /// GGML's q8_0 block, as candle stores it: an f16 scale, then 32 signed 8-bit weights.
@@ -175,16 +175,9 @@ pub struct BlockQ4_0 {
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 
-impl BlockQ8_0 {
-    fn scale(&self) -> f32 {
-        f16::from_le_bytes(self.d).to_f32()
-    }
-}
-
-impl BlockQ4_0 {
-    fn scale(&self) -> f32 {
-        f16::from_le_bytes(self.d).to_f32()
-    }
+/// A GGML block's scale: an f16, little-endian.
+fn block_scale(d: [u8; 2]) -> f32 {
+    f16::from_le_bytes(d).to_f32()
 }
 
 /// Reads GGML block bytes (candle's `QTensor::data`) as blocks of `B`.
@@ -383,6 +376,23 @@ mod avx2 {
         _mm256_cvtph_ps(h)
     }
 
+    /// A block's 32 weights as four f32 vectors, from two 16-byte registers holding weights
+    /// 0..16 and 16..32 one per byte; `widen` turns the low 8 bytes of a register into lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn four_groups(
+        lo: __m128i,
+        hi: __m128i,
+        widen: impl Fn(__m128i) -> __m256,
+    ) -> [__m256; 4] {
+        [
+            widen(lo),
+            widen(_mm_unpackhi_epi64(lo, lo)),
+            widen(hi),
+            widen(_mm_unpackhi_epi64(hi, hi)),
+        ]
+    }
+
     impl Lanes for BlockQ8_0 {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -393,13 +403,9 @@ mod avx2 {
             let q = (*b).qs.as_ptr() as *const __m128i;
             let lo = _mm_loadu_si128(q);
             let hi = _mm_loadu_si128(q.add(1));
-            let widen = |v: __m128i| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
-            [
-                widen(lo),
-                widen(_mm_unpackhi_epi64(lo, lo)),
-                widen(hi),
-                widen(_mm_unpackhi_epi64(hi, hi)),
-            ]
+            four_groups(lo, hi, |v| {
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)))
+            })
         }
     }
 
@@ -415,16 +421,10 @@ mod avx2 {
             let lo = _mm_and_si128(bytes, mask);
             let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
             let eight = _mm256_set1_epi32(8);
-            let widen = |v: __m128i| {
+            four_groups(lo, hi, |v| {
                 let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(v), eight);
                 _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
-            };
-            [
-                widen(lo),
-                widen(_mm_unpackhi_epi64(lo, lo)),
-                widen(hi),
-                widen(_mm_unpackhi_epi64(hi, hi)),
-            ]
+            })
         }
     }
 
