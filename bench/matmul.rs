@@ -6,7 +6,8 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
-use mixserve::model::small_matmul::{quantized_matmul_t, small_matmul_t};
+use mixserve::model::quant_kernel::quantized_matmul_t;
+use mixserve::model::small_matmul::small_matmul_t;
 use std::time::Instant;
 
 fn time(
@@ -27,12 +28,22 @@ fn time(
 
 fn main() -> candle_core::Result<()> {
     mixserve::init_cpu_threads();
+    // `cargo bench --bench matmul -- q8_0 bf16`: only the named formats (all by default).
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .map(|a| a.to_lowercase())
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| *o == name.to_lowercase());
     let dev = Device::Cpu;
     println!(
         "{:>6} {:>5} {:>6} {:>6} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9}",
         "dtype", "m", "n", "k", "candle ms", "GB/s", "GFLOP/s", "small ms", "GB/s", "GFLOP/s"
     );
     for dtype in [DType::F32, DType::BF16] {
+        if !wanted(dtype.as_str()) {
+            continue;
+        }
         // Up/gate ([3584, 1024]) and down ([1024, 3584]); 8 weights so they never sit in cache.
         for (n, k) in [(3584usize, 1024usize), (1024, 3584)] {
             let ws: Vec<Tensor> = (0..8)
@@ -66,6 +77,9 @@ fn main() -> candle_core::Result<()> {
     }
     // Quantized weights: candle's kernel (activations rounded to 8 bits) against ours.
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+        if !wanted(&format!("{dtype:?}")) {
+            continue;
+        }
         let (n, k) = (3584usize, 1024usize);
         let qs: Vec<QTensor> = (0..8)
             .map(|_| QTensor::quantize(&Tensor::randn(0f32, 0.02, (n, k), &dev)?, dtype))
@@ -74,7 +88,7 @@ fn main() -> candle_core::Result<()> {
             .iter()
             .map(|q| QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(&dev)?, dtype)?))
             .collect::<candle_core::Result<_>>()?;
-        for m in [1usize, 4, 16] {
+        for m in [1usize, 2, 4, 8, 16] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let mut i = 0;
             let candle = time(20, || {

@@ -46,8 +46,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub tokenizer_from: PathBuf,
 
-    /// Compute dtypes to measure, each in turn (repeatable or comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    /// Compute dtypes to measure, each in turn (repeatable or comma-separated); f32 when
+    /// neither this nor `--quant` is given.
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub dtype: Vec<DTypeArg>,
 
     /// Quantized formats to measure too, each in turn (weights quantized on load, f32
@@ -149,8 +150,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         bandwidth / 1e9,
         bytesize::ByteSize(args.bandwidth_buffer)
     );
+    let dtypes = if args.dtype.is_empty() && args.quant.is_empty() {
+        vec![DTypeArg::F32]
+    } else {
+        args.dtype.clone()
+    };
     let mut peaks = Vec::new();
-    for &dtype_arg in &args.dtype {
+    for &dtype_arg in &dtypes {
         // `auto` may resolve otherwise once the checkpoint is read: then measured again below.
         let dtype = select_dtype(dtype_arg, None, &device);
         matmul_peak_of(&mut peaks, dtype, args.matmul_size, &device)?;
@@ -159,8 +165,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut prompt_seed = 0u64;
     let mut header_done = false;
     // Each dtype as loaded, then each quantized format with f32 activations.
-    let configs: Vec<(DTypeArg, Option<Quant>)> = args
-        .dtype
+    let configs: Vec<(DTypeArg, Option<Quant>)> = dtypes
         .iter()
         .map(|&d| (d, None))
         .chain(args.quant.iter().map(|&q| (DTypeArg::F32, Some(q))))
@@ -236,9 +241,6 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 fn validate(args: &BenchArgs) -> Result<()> {
     if args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--concurrency needs numbers of at least 1");
-    }
-    if args.dtype.is_empty() {
-        bail!("--dtype needs at least one dtype");
     }
     if args.prompt_tokens == 0 || args.decode_prompt_tokens == 0 {
         bail!("--prompt-tokens and --decode-prompt-tokens must be at least 1");

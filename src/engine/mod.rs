@@ -169,9 +169,20 @@ impl Engine {
             scheduler::Scheduler::new(config.scheduler),
         );
         let (tx, rx) = mpsc::channel();
+        // The loop runs on a worker of the engine's own rayon pool (the spawned thread only
+        // waits for it), and every parallel product inside it uses that pool. An engine
+        // thread beside a full pool oversubscribed the cores: workers spinning between
+        // products took CPU time from the engine's serial work (attention, routing), which
+        // cost a quarter of the single-sequence decode speed on 2 cores. Its own pool (not
+        // the global one) so that several engines in a process cannot starve each other.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("mixserve-worker-{i}"))
+            .build()
+            .map_err(|e| ModelError::Candle(Box::new(candle_core::Error::wrap(e))))?;
         let thread = std::thread::Builder::new()
             .name("mixserve-engine".into())
-            .spawn(move || core.run(rx))
+            .spawn(move || pool.install(|| core.run(rx)))
             .map_err(|e| ModelError::Candle(Box::new(candle_core::Error::wrap(e))))?;
         shared
             .metrics

@@ -1,6 +1,6 @@
 //! The shared building blocks: norms, rotary embeddings, linear projections.
 
-use super::small_matmul;
+use super::{quant_kernel, small_matmul};
 use crate::config::Activation;
 use crate::config::NormKind;
 use candle_core::quantized::{QMatMul, QTensor};
@@ -80,7 +80,7 @@ impl Linear {
             Self::Dense(w) => matmul_few_rows(xs, &w.t()?),
             Self::Quantized { q, mm } => {
                 let x = xs.to_dtype(DType::F32)?.contiguous()?;
-                let y = match small_matmul::quantized_matmul_t(&x, q)? {
+                let y = match quant_kernel::quantized_matmul_t(&x, q)? {
                     Some(y) => y,
                     None => mm.forward(&x)?,
                 };

@@ -9,6 +9,7 @@ mod layers;
 mod mixtral;
 pub mod moe;
 mod quant;
+pub mod quant_kernel;
 pub mod small_matmul;
 
 pub use batch::{Batch, SeqInput};

@@ -13,7 +13,6 @@
 //! sits in the batch, so a sequence gets bit-identical results alone or batched.
 
 use candle_core::backend::BackendStorage;
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -98,10 +97,9 @@ impl CustomOp2 for SmallBatchMatmul {
     }
 }
 
-/// A weight format the kernels read: plain floats, or GGML's blocks of 32 with a scale.
+/// A float weight format the kernels read (GGML's blocks have integer kernels of their
+/// own, in `quant_kernel.rs`).
 pub trait WeightElem: Copy + Send + Sync + 'static {
-    /// Weights per element of a row slice (1 for floats, 32 for a block).
-    const PER: usize;
     /// The weight at index `q` of a row, as f32.
     fn get(row: &[Self], q: usize) -> f32;
     /// The dot-tile kernel for this format: the SIMD one when the CPU has it.
@@ -125,9 +123,8 @@ pub fn has_simd() -> bool {
 }
 
 macro_rules! weight_elem {
-    ($ty:ty, $per:expr, $get:expr) => {
+    ($ty:ty, $get:expr) => {
         impl WeightElem for $ty {
-            const PER: usize = $per;
             fn get(row: &[Self], q: usize) -> f32 {
                 $get(row, q)
             }
@@ -141,59 +138,27 @@ macro_rules! weight_elem {
         }
     };
 }
-weight_elem!(f32, 1, |r: &[f32], q: usize| r[q]);
-weight_elem!(bf16, 1, |r: &[bf16], q: usize| r[q].to_f32());
-weight_elem!(f16, 1, |r: &[f16], q: usize| r[q].to_f32());
-weight_elem!(BlockQ8_0, 32, |r: &[BlockQ8_0], q: usize| {
-    let b = &r[q / 32];
-    block_scale(b.d) * b.qs[q % 32] as f32
-});
-weight_elem!(BlockQ4_0, 32, |r: &[BlockQ4_0], q: usize| {
-    let b = &r[q / 32];
-    let byte = b.qs[q % 16];
-    let nibble = if q % 32 < 16 { byte & 0x0F } else { byte >> 4 };
-    block_scale(b.d) * (nibble as i32 - 8) as f32
-});
+weight_elem!(f32, |r: &[f32], q: usize| r[q]);
+weight_elem!(bf16, |r: &[bf16], q: usize| r[q].to_f32());
+weight_elem!(f16, |r: &[f16], q: usize| r[q].to_f32());
+/// Activation rows per register block, and weight rows per kernel call (whose reads from
+/// DRAM are shared by all the activation rows).
+pub(super) const TILE_ROWS: usize = 4;
+pub(super) const TILE_COLS: usize = 8;
 
-/// GGML's q8_0 block, as candle stores it: an f16 scale, then 32 signed 8-bit weights.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct BlockQ8_0 {
-    d: [u8; 2],
-    qs: [i8; 32],
-}
+/// The least work worth handing to another thread.
+const MIN_WEIGHTS_PER_TASK: usize = 64 * 1024;
 
-/// GGML's q4_0 block: an f16 scale, then 16 bytes whose low nibbles are weights 0..16 and
-/// high nibbles weights 16..32, each offset by 8.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct BlockQ4_0 {
-    d: [u8; 2],
-    qs: [u8; 16],
-}
-
-const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
-const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
-
-/// A GGML block's scale: an f16, little-endian.
-fn block_scale(d: [u8; 2]) -> f32 {
-    f16::from_le_bytes(d).to_f32()
-}
-
-/// Reads GGML block bytes (candle's `QTensor::data`) as blocks of `B`.
-pub fn as_blocks<B: WeightElem>(bytes: &[u8]) -> Result<&[B]> {
-    let size = std::mem::size_of::<B>();
-    if B::PER != 32 || !bytes.len().is_multiple_of(size) {
-        bail!("{} bytes are not whole blocks of {size}", bytes.len());
-    }
-    // SAFETY: the block types are `repr(C)` byte arrays (alignment 1, no invalid values),
-    // and the length was checked to be a whole number of blocks.
-    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, bytes.len() / size) })
-}
-
-/// `x [m, k] @ W^T` for `W` given as `n` rows of `k / W::PER` elements: `[m, n]` row-major.
+/// `x [m, k] @ W^T` for `W` given as `n` rows of `k` weights: `[m, n]` row-major.
 pub fn matmul_rows<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
-    let out_t = products(x, m, w, n, k);
+    let x_rows: Vec<&[f32]> = x.chunks_exact(k.max(1)).take(m).collect();
+    let kernel = W::tile_kernel();
+    let out_t = products(&x_rows, w, n, k, k, kernel);
+    row_major(&out_t, m, n)
+}
+
+/// `[n, m]` column-major products as `[m, n]` row-major.
+pub(super) fn row_major(out_t: &[f32], m: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     for (j, col) in out_t.chunks_exact(m.max(1)).enumerate() {
         for (i, v) in col.iter().enumerate() {
@@ -203,55 +168,22 @@ pub fn matmul_rows<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usi
     out
 }
 
-/// `xs @ W^T` for GGML-quantized weights on the CPU, with f32 activations (weights-only
-/// quantization: only the weights are rounded, unlike GGML's kernels, which also round the
-/// activations to 8 bits). Decode-sized batches run the small-batch kernel on the blocks;
-/// larger ones multiply by the dequantized weight, which for hundreds of rows costs little
-/// next to the product and keeps prefill and decode numerically alike. `None` for formats
-/// or CPUs without a kernel here (the caller then uses candle's quantized matmul).
-pub fn quantized_matmul_t(xs: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
-    if !xs.device().is_cpu() || !has_simd() || xs.rank() != 2 {
-        return Ok(None);
-    }
-    match q.dtype() {
-        GgmlDType::Q8_0 => quantized::<BlockQ8_0>(xs, q).map(Some),
-        GgmlDType::Q4_0 => quantized::<BlockQ4_0>(xs, q).map(Some),
-        _ => Ok(None),
-    }
-}
-
-fn quantized<B: WeightElem>(xs: &Tensor, q: &QTensor) -> Result<Tensor> {
-    let (m, k) = xs.dims2()?;
-    let (n, wk) = q.shape().dims2()?;
-    if k != wk {
-        bail!("quantized matmul: x is [{m}, {k}] but the weight is [{n}, {wk}]");
-    }
-    let xs = xs.to_dtype(DType::F32)?;
-    if m > MAX_ROWS {
-        return xs.matmul(&q.dequantize(xs.device())?.t()?);
-    }
-    let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
-    let data = q.data()?;
-    let out = matmul_rows(&x, m, as_blocks::<B>(&data)?, n, k);
-    Tensor::from_vec(out, (m, n), xs.device())
-}
-
-/// Activation rows per register block, and weight rows per kernel call (whose reads from
-/// DRAM are shared by all the activation rows).
-const TILE_ROWS: usize = 4;
-const TILE_COLS: usize = 8;
-
-/// The least work worth handing to another thread.
-const MIN_WEIGHTS_PER_TASK: usize = 64 * 1024;
-
-/// All `m x n` products, returned column-major (`[n, m]`).
-fn products<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
+/// All products of the activation rows `xs` (`k` wide) with the `n` weight rows of `w`
+/// (`kw` elements each), returned column-major (`[n, m]`). `kernel` computes one tile: every
+/// activation row against up to [`TILE_COLS`] weight rows, into `out[i * c + ci]`.
+pub(super) fn products<X: Sync, W: Sync>(
+    xs: &[X],
+    w: &[W],
+    n: usize,
+    kw: usize,
+    k: usize,
+    kernel: impl Fn(&[X], &[&[W]], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let m = xs.len();
     let mut out_t = vec![0f32; n * m];
     if n == 0 || m == 0 {
         return out_t;
     }
-    let kernel = W::tile_kernel();
-    let kw = k / W::PER;
     // Chunks of at least ~64K weights (the pool's hand-off costs microseconds), and enough
     // of them to balance the pool; small products run on the calling thread.
     let threads = rayon::current_num_threads().max(1);
@@ -261,7 +193,6 @@ fn products<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> 
         .max(min_cols)
         .clamp(TILE_COLS, 512)
         .next_multiple_of(TILE_COLS);
-    let x_rows: Vec<&[f32]> = x.chunks_exact(k).collect();
     let run = |(chunk, out): (usize, &mut [f32])| {
         let j0 = chunk * cols;
         let mut tile = vec![0f32; m * TILE_COLS];
@@ -272,7 +203,7 @@ fn products<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> 
             for (ci, row) in w_rows.iter_mut().take(c).enumerate() {
                 *row = &w[(j + ci) * kw..(j + ci + 1) * kw];
             }
-            kernel(&x_rows, &w_rows[..c], &mut tile[..m * c]);
+            kernel(xs, &w_rows[..c], &mut tile[..m * c]);
             for i in 0..m {
                 for ci in 0..c {
                     out_cols[ci * m + i] = tile[i * c + ci];
@@ -302,7 +233,7 @@ mod portable {
     }
 
     fn dot<W: WeightElem>(x: &[f32], w: &[W]) -> f32 {
-        let k = w.len() * W::PER;
+        let k = w.len();
         let k8 = k / 8 * 8;
         let mut acc = [0f32; 8];
         for p in (0..k8).step_by(8) {
@@ -319,7 +250,7 @@ mod portable {
 /// across lanes the same way, whatever the tile shape: results do not depend on `m`.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_0, BlockQ8_0, WeightElem, TILE_COLS, TILE_ROWS};
+    use super::{WeightElem, TILE_COLS, TILE_ROWS};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -368,71 +299,11 @@ mod avx2 {
         p as *const __m128i
     )));
 
-    /// The block's f16 scale, broadcast.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scale(d: *const [u8; 2]) -> __m256 {
-        let h = _mm_set1_epi16(i16::from_le_bytes(*d));
-        _mm256_cvtph_ps(h)
-    }
-
-    /// A block's 32 weights as four f32 vectors, from two 16-byte registers holding weights
-    /// 0..16 and 16..32 one per byte; `widen` turns the low 8 bytes of a register into lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn four_groups(
-        lo: __m128i,
-        hi: __m128i,
-        widen: impl Fn(__m128i) -> __m256,
-    ) -> [__m256; 4] {
-        [
-            widen(lo),
-            widen(_mm_unpackhi_epi64(lo, lo)),
-            widen(hi),
-            widen(_mm_unpackhi_epi64(hi, hi)),
-        ]
-    }
-
-    impl Lanes for BlockQ8_0 {
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load32(row: *const Self, p: usize) -> [__m256; 4] {
-            let b = row.add(p / 32);
-            _mm_prefetch::<_MM_HINT_T0>((b as *const i8).add(PREFETCH_BYTES));
-            let d = scale(&(*b).d);
-            let q = (*b).qs.as_ptr() as *const __m128i;
-            let lo = _mm_loadu_si128(q);
-            let hi = _mm_loadu_si128(q.add(1));
-            four_groups(lo, hi, |v| {
-                _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)))
-            })
-        }
-    }
-
-    impl Lanes for BlockQ4_0 {
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load32(row: *const Self, p: usize) -> [__m256; 4] {
-            let b = row.add(p / 32);
-            _mm_prefetch::<_MM_HINT_T0>((b as *const i8).add(PREFETCH_BYTES));
-            let d = scale(&(*b).d);
-            let bytes = _mm_loadu_si128((*b).qs.as_ptr() as *const __m128i);
-            let mask = _mm_set1_epi8(0x0F);
-            let lo = _mm_and_si128(bytes, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
-            let eight = _mm256_set1_epi32(8);
-            four_groups(lo, hi, |v| {
-                let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(v), eight);
-                _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
-            })
-        }
-    }
-
     pub fn tile<W: Lanes>(xs: &[&[f32]], ws: &[&[W]], out: &mut [f32]) {
         let (m, c) = (xs.len(), ws.len());
         assert!(c <= TILE_COLS && out.len() >= m * c);
-        let k = ws.first().map_or(0, |w| w.len() * W::PER);
-        assert!(xs.iter().all(|x| x.len() >= k) && ws.iter().all(|w| w.len() * W::PER >= k));
+        let k = ws.first().map_or(0, |w| w.len());
+        assert!(xs.iter().all(|x| x.len() >= k) && ws.iter().all(|w| w.len() >= k));
         let k32 = k / 32 * 32;
         let full = m / TILE_ROWS * TILE_ROWS;
         // SAFETY: chosen only once `available()` has confirmed the CPU features; every row
@@ -636,28 +507,6 @@ mod tests {
         for (i, row) in batched.iter().enumerate() {
             let alone: Vec<Vec<f32>> = small_matmul_t(&x.narrow(0, i, 1)?, &w)?.to_vec2()?;
             assert_eq!(&alone[0], row, "row {i}");
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn quantized_blocks_match_their_dequantized_weights() -> Result<()> {
-        if !has_simd() {
-            return Ok(());
-        }
-        let dev = Device::Cpu;
-        let (n, k) = (24, 96);
-        let w = Tensor::from_vec(data(n * k, 7), (n, k), &dev)?;
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
-            let q = QTensor::quantize(&w, dtype)?;
-            let deq = q.dequantize(&dev)?;
-            for m in [1, 2, 3, 4, 5, 9, 32, 40] {
-                let x = Tensor::from_vec(data(m * k, m as u32), (m, k), &dev)?;
-                let want = x.matmul(&deq.t()?)?;
-                let got = quantized_matmul_t(&x, &q)?.expect("a kernel for q8_0 and q4_0");
-                let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-4, "{dtype:?} m = {m}: {diff}");
-            }
         }
         Ok(())
     }

@@ -1,0 +1,691 @@
+//! Integer kernels for GGML-quantized weights (q8_0, q4_0, q4k) in decode-sized products.
+//!
+//! GGML's own kernels (candle's `QMatMul`) round the activations to 8 bits per block; on the
+//! reference fixtures that alone moved q8_0 prompt logprobs by up to 0.29. Widening the
+//! weights to f32 instead keeps accuracy but makes the product compute-bound (a third of the
+//! memory roofline). Here activations are rounded to 16 bits per block of 32 (an error of at
+//! most 1/65534 of the block's largest value, far below the weights' own rounding), so every
+//! block is an exact integer dot product (`vpmaddwd`: 16 multiply-adds per instruction) with
+//! one float scale per block and row. Integer sums are exact and each row's float
+//! accumulation runs in a fixed order, so a row's result is the same alone or batched.
+
+use super::small_matmul::{has_simd, products, row_major, MAX_ROWS};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{bail, DType, Result, Tensor};
+use half::f16;
+
+/// GGML's q8_0 block, as candle stores it: an f16 scale, then 32 signed 8-bit weights.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ8_0 {
+    d: [u8; 2],
+    qs: [i8; 32],
+}
+
+/// GGML's q4_0 block: an f16 scale, then 16 bytes whose low nibbles are weights 0..16 and
+/// high nibbles weights 16..32, each offset by 8.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ4_0 {
+    d: [u8; 2],
+    qs: [u8; 16],
+}
+
+/// GGML's q4_K super-block of 256 weights: f16 scale and min-scale, eight 6-bit sub-block
+/// scales and mins packed in 12 bytes, then 4-bit weights. Weight `i` of sub-block `j` is
+/// `d * scale_j * q_i - dmin * min_j`; bytes `32 * (j / 2)..` hold sub-block `j` in their
+/// low (even `j`) or high (odd `j`) nibbles.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ4K {
+    d: [u8; 2],
+    dmin: [u8; 2],
+    scales: [u8; 12],
+    qs: [u8; 128],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+
+/// A GGML f16 scale, little-endian.
+fn f16_le(d: [u8; 2]) -> f32 {
+    f16::from_le_bytes(d).to_f32()
+}
+
+impl BlockQ4K {
+    /// The eight sub-block scales and mins (GGML's `get_scale_min_k4`).
+    fn scales_mins(&self) -> ([u8; 8], [u8; 8]) {
+        let q = &self.scales;
+        let mut sc = [0u8; 8];
+        let mut mn = [0u8; 8];
+        for j in 0..4 {
+            sc[j] = q[j] & 63;
+            mn[j] = q[j + 4] & 63;
+            sc[j + 4] = (q[j + 8] & 0x0F) | ((q[j] >> 6) << 4);
+            mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+        }
+        (sc, mn)
+    }
+}
+
+/// Computes the `m x c` dot products of all activation rows with up to `TILE_COLS` weight
+/// rows into `out[i * c + ci]`.
+pub type TileFn<B> = fn(&[Row16<'_>], &[&[B]], &mut [f32]);
+
+/// A GGML block type the integer kernels read.
+pub trait Block: Copy + Send + Sync + 'static {
+    /// Weights per block.
+    const PER: usize;
+    /// The weight at index `i` of a block, as f32 (for tests and the scalar kernel).
+    fn weight(&self, i: usize) -> f32;
+    /// The amount subtracted from every weight of sub-block `j` (q4k's minimums), which the
+    /// kernels apply to the row's exact block sums.
+    fn offset(&self, _j: usize) -> f32 {
+        0.0
+    }
+    /// The tile kernel: AVX2 where the CPU has it, else plain Rust.
+    fn tile_kernel() -> TileFn<Self>;
+}
+
+macro_rules! tile_kernel {
+    () => {
+        fn tile_kernel() -> TileFn<Self> {
+            #[cfg(target_arch = "x86_64")]
+            if has_simd() {
+                return avx2::tile::<Self>;
+            }
+            scalar_tile::<Self>
+        }
+    };
+}
+
+impl Block for BlockQ8_0 {
+    const PER: usize = 32;
+    tile_kernel!();
+    fn weight(&self, i: usize) -> f32 {
+        f16_le(self.d) * self.qs[i] as f32
+    }
+}
+
+impl Block for BlockQ4_0 {
+    const PER: usize = 32;
+    tile_kernel!();
+    fn weight(&self, i: usize) -> f32 {
+        let byte = self.qs[i % 16];
+        let nibble = if i < 16 { byte & 0x0F } else { byte >> 4 };
+        f16_le(self.d) * (nibble as i32 - 8) as f32
+    }
+}
+
+impl Block for BlockQ4K {
+    const PER: usize = 256;
+    tile_kernel!();
+    fn weight(&self, i: usize) -> f32 {
+        let sc = self.scales_mins().0;
+        let j = i / 32;
+        let byte = self.qs[32 * (j / 2) + i % 32];
+        let nibble = if j.is_multiple_of(2) {
+            byte & 0x0F
+        } else {
+            byte >> 4
+        };
+        f16_le(self.d) * sc[j] as f32 * nibble as f32 - self.offset(j)
+    }
+    fn offset(&self, j: usize) -> f32 {
+        f16_le(self.dmin) * self.scales_mins().1[j] as f32
+    }
+}
+
+/// Reads GGML block bytes (candle's `QTensor::data`) as blocks of `B`.
+pub fn as_blocks<B: Block>(bytes: &[u8]) -> Result<&[B]> {
+    let size = std::mem::size_of::<B>();
+    if !bytes.len().is_multiple_of(size) {
+        bail!("{} bytes are not whole blocks of {size}", bytes.len());
+    }
+    // SAFETY: the block types are `repr(C)` byte arrays (alignment 1, no invalid values),
+    // and the length was checked to be a whole number of blocks.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, bytes.len() / size) })
+}
+
+/// Activations rounded to 16 bits per block of 32.
+pub struct Rows16 {
+    k: usize,
+    /// `[m, k]` rounded values.
+    q: Vec<i16>,
+    /// `[m, k / 32]` scales: value = q * d.
+    d: Vec<f32>,
+    /// `[m, k / 32]` exact f32 sums of each block (for formats with per-block minimums).
+    s: Vec<f32>,
+}
+
+/// One row of [`Rows16`].
+#[derive(Clone, Copy)]
+pub struct Row16<'a> {
+    q: &'a [i16],
+    d: &'a [f32],
+    s: &'a [f32],
+}
+
+impl Rows16 {
+    /// `x`: `[m, k]` row-major, `k` a multiple of 32.
+    pub fn new(x: &[f32], k: usize) -> Self {
+        let blocks = x.len() / 32;
+        let mut rows = Self {
+            k,
+            q: vec![0; blocks * 32],
+            d: vec![0.0; blocks],
+            s: vec![0.0; blocks],
+        };
+        #[cfg(target_arch = "x86_64")]
+        if has_simd() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { rows.fill_avx2(x) };
+            return rows;
+        }
+        rows.fill(x);
+        rows
+    }
+
+    /// The same code compiled for AVX2, where rounding is one instruction (without it,
+    /// `round_ties_even` is a libm call per value); IEEE rounding makes both identical.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fill_avx2(&mut self, x: &[f32]) {
+        self.fill(x)
+    }
+
+    #[inline(always)]
+    fn fill(&mut self, x: &[f32]) {
+        let blocks = x.chunks_exact(32).zip(self.q.chunks_exact_mut(32));
+        for ((block, q), (d, s)) in blocks.zip(self.d.iter_mut().zip(&mut self.s)) {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 32767.0;
+            let (scale, inv) = if !block.iter().all(|v| v.is_finite()) {
+                // Non-finite activations make the scale NaN, so the output says so.
+                (f32::NAN, 0.0)
+            } else if scale > 0.0 && (1.0 / scale).is_finite() {
+                (scale, 1.0 / scale)
+            } else {
+                // All zero, or so close to it (below ~1e-34) that it rounds to zero.
+                (0.0, 0.0)
+            };
+            for (q, v) in q.iter_mut().zip(block) {
+                *q = (v * inv).round_ties_even().clamp(-32767.0, 32767.0) as i16;
+            }
+            *d = scale;
+            *s = block.iter().sum();
+        }
+    }
+
+    pub fn rows(&self) -> Vec<Row16<'_>> {
+        let kb = self.k / 32;
+        (0..self.q.len() / self.k.max(1))
+            .map(|i| Row16 {
+                q: &self.q[i * self.k..(i + 1) * self.k],
+                d: &self.d[i * kb..(i + 1) * kb],
+                s: &self.s[i * kb..(i + 1) * kb],
+            })
+            .collect()
+    }
+}
+
+/// `xs @ W^T` for GGML-quantized weights on the CPU, activations kept to 16 bits (see the
+/// module's comment). Decode-sized batches run the integer kernels on the blocks; larger
+/// ones multiply by the dequantized weight, which for hundreds of rows costs little next to
+/// the product. `None` for formats or CPUs without a kernel here (the caller then uses
+/// candle's quantized matmul).
+pub fn quantized_matmul_t(xs: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
+    if !xs.device().is_cpu() || !has_simd() || xs.rank() != 2 {
+        return Ok(None);
+    }
+    match q.dtype() {
+        GgmlDType::Q8_0 => quantized::<BlockQ8_0>(xs, q).map(Some),
+        GgmlDType::Q4_0 => quantized::<BlockQ4_0>(xs, q).map(Some),
+        GgmlDType::Q4K => quantized::<BlockQ4K>(xs, q).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn quantized<B: Block>(xs: &Tensor, q: &QTensor) -> Result<Tensor> {
+    let (m, k) = xs.dims2()?;
+    let (n, wk) = q.shape().dims2()?;
+    if k != wk {
+        bail!("quantized matmul: x is [{m}, {k}] but the weight is [{n}, {wk}]");
+    }
+    let xs = xs.to_dtype(DType::F32)?;
+    if m > MAX_ROWS {
+        return xs.matmul(&q.dequantize(xs.device())?.t()?);
+    }
+    let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+    let data = q.data()?;
+    let w = as_blocks::<B>(&data)?;
+    if !k.is_multiple_of(B::PER) || w.len() != n * (k / B::PER) {
+        bail!(
+            "quantized matmul: {} blocks do not make a [{n}, {k}] weight",
+            w.len()
+        );
+    }
+    let out = matmul_blocks(&x, m, w, n, k);
+    Tensor::from_vec(out, (m, n), xs.device())
+}
+
+/// `x [m, k] @ W^T` for `W` given as `n` rows of `k / B::PER` blocks: `[m, n]` row-major.
+pub fn matmul_blocks<B: Block>(x: &[f32], m: usize, w: &[B], n: usize, k: usize) -> Vec<f32> {
+    let acts = Rows16::new(&x[..m * k], k);
+    let out_t = products(&acts.rows(), w, n, k / B::PER, k, B::tile_kernel());
+    row_major(&out_t, m, n)
+}
+
+/// The same products in plain Rust on the same rounded activations, for tests and CPUs
+/// without AVX2.
+fn scalar_tile<B: Block>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
+    let c = ws.len();
+    for (r, x) in xs.iter().enumerate() {
+        for (ci, w) in ws.iter().enumerate() {
+            let mut acc = 0f64;
+            for (bi, b) in w.iter().enumerate() {
+                for i in 0..B::PER {
+                    let p = bi * B::PER + i;
+                    let scaled = b.weight(i) + b.offset(i / 32);
+                    acc += (scaled * x.q[p] as f32 * x.d[p / 32]) as f64;
+                }
+                for j in 0..B::PER / 32 {
+                    acc -= (b.offset(j) * x.s[bi * B::PER / 32 + j]) as f64;
+                }
+            }
+            out[r * c + ci] = acc as f32;
+        }
+    }
+}
+
+/// AVX2 kernels: per row and block, an exact i32 dot product of 16-bit weights and
+/// activations, converted once and scaled into an 8-lane f32 accumulator.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::small_matmul::{TILE_COLS, TILE_ROWS};
+    use super::{Block, BlockQ4K, BlockQ4_0, BlockQ8_0, Row16};
+    use std::arch::x86_64::*;
+
+    /// Prefetches the cache lines of `bytes` bytes from `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn prefetch(p: *const u8, bytes: usize) {
+        let mut off = 0;
+        while off < bytes {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
+            off += 64;
+        }
+    }
+
+    /// Pointers to the start of `R` activation rows.
+    #[derive(Clone, Copy)]
+    pub struct Xs<const R: usize> {
+        q: [*const i16; R],
+        d: [*const f32; R],
+        s: [*const f32; R],
+    }
+
+    pub trait Dot: Block {
+        /// Adds block `b`'s products with the `R` rows (from weight index `p`) to `acc`.
+        ///
+        /// # Safety
+        /// The rows hold at least `p + PER` values; the CPU has AVX2, FMA and F16C.
+        unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m256; R]);
+    }
+
+    /// An f16 scale, broadcast.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale(d: [u8; 2]) -> __m256 {
+        _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes(d)))
+    }
+
+    /// 32 weights (two vectors of 16 i16) with scale `dw` against each row's block at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot32<const R: usize>(
+        w0: __m256i,
+        w1: __m256i,
+        dw: __m256,
+        x: &Xs<R>,
+        p: usize,
+        acc: &mut [__m256; R],
+    ) {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xq = x.q[r].add(p) as *const __m256i;
+            let s = _mm256_add_epi32(
+                _mm256_madd_epi16(w0, _mm256_loadu_si256(xq)),
+                _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(1))),
+            );
+            let sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*x.d[r].add(p / 32)));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, *acc);
+        }
+    }
+
+    impl Dot for BlockQ8_0 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m256; R]) {
+            let q = (*b).qs.as_ptr() as *const __m128i;
+            let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q));
+            let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(1)));
+            dot32(w0, w1, scale((*b).d), x, p, acc);
+        }
+    }
+
+    impl Dot for BlockQ4_0 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m256; R]) {
+            let bytes = _mm_loadu_si128((*b).qs.as_ptr() as *const __m128i);
+            let mask = _mm_set1_epi8(0x0F);
+            let eight = _mm_set1_epi8(8);
+            let lo = _mm_sub_epi8(_mm_and_si128(bytes, mask), eight);
+            let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(bytes), mask), eight);
+            let w0 = _mm256_cvtepi8_epi16(lo);
+            let w1 = _mm256_cvtepi8_epi16(hi);
+            dot32(w0, w1, scale((*b).d), x, p, acc);
+        }
+    }
+
+    impl Dot for BlockQ4K {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m256; R]) {
+            let blk = &*b;
+            let (sc, mn) = blk.scales_mins();
+            let d = scale(blk.d);
+            let mask = _mm256_set1_epi8(0x0F);
+            for pair in 0..4 {
+                let bytes = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * pair) as *const __m256i);
+                let lo = _mm256_and_si256(bytes, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask);
+                for (half, v) in [lo, hi].into_iter().enumerate() {
+                    let j = 2 * pair + half;
+                    let w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
+                    let w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(v));
+                    let dw = _mm256_mul_ps(d, _mm256_set1_ps(sc[j] as f32));
+                    dot32(w0, w1, dw, x, p + 32 * j, acc);
+                }
+            }
+            // The mins: minus dmin * min_j * (sum of the row's block j), one lane per j.
+            let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                mn.as_ptr() as *const __m128i
+            )));
+            let mins = _mm256_mul_ps(scale(blk.dmin), mins);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let sums = _mm256_loadu_ps(x.s[r].add(p / 32));
+                *acc = _mm256_fnmadd_ps(mins, sums, *acc);
+            }
+        }
+    }
+
+    pub fn tile<B: Dot>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
+        assert!(super::super::small_matmul::has_simd());
+        let (m, c) = (xs.len(), ws.len());
+        assert!(c <= TILE_COLS && out.len() >= m * c);
+        let nb = ws.first().map_or(0, |w| w.len());
+        let k = nb * B::PER;
+        assert!(ws.iter().all(|w| w.len() == nb));
+        assert!(xs
+            .iter()
+            .all(|x| x.q.len() >= k && x.d.len() * 32 >= k && x.s.len() * 32 >= k));
+        let full = m / TILE_ROWS * TILE_ROWS;
+        // SAFETY: `has_simd()` confirmed the CPU features; every row holds `k` values and
+        // every weight row `nb` blocks (checked above).
+        unsafe {
+            let mut j = 0;
+            while j + 2 <= c {
+                for i in (0..full).step_by(TILE_ROWS) {
+                    block::<B, 4, 2>(&xs[i..i + 4], &ws[j..j + 2], nb, out, i, j, c);
+                }
+                j += 2;
+            }
+            if j < c {
+                for i in (0..full).step_by(TILE_ROWS) {
+                    block::<B, 4, 1>(&xs[i..i + 4], &ws[j..j + 1], nb, out, i, j, c);
+                }
+            }
+            let rest = &xs[full..];
+            match rest.len() {
+                0 => {}
+                1 => columns::<B, 1, 4>(rest, ws, nb, out, full),
+                2 => columns::<B, 2, 4>(rest, ws, nb, out, full),
+                _ => columns::<B, 3, 2>(rest, ws, nb, out, full),
+            }
+        }
+    }
+
+    /// All the tile's weight rows against `R` activation rows: blocks of `C`, then singles.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn columns<B: Dot, const R: usize, const C: usize>(
+        xs: &[Row16<'_>],
+        ws: &[&[B]],
+        nb: usize,
+        out: &mut [f32],
+        i: usize,
+    ) {
+        let c = ws.len();
+        let mut j = 0;
+        while j + C <= c {
+            block::<B, R, C>(xs, &ws[j..j + C], nb, out, i, j, c);
+            j += C;
+        }
+        while j < c {
+            block::<B, R, 1>(xs, &ws[j..j + 1], nb, out, i, j, c);
+            j += 1;
+        }
+    }
+
+    /// `R x C` products with their accumulators in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block<B: Dot, const R: usize, const C: usize>(
+        xs: &[Row16<'_>],
+        ws: &[&[B]],
+        nb: usize,
+        out: &mut [f32],
+        i: usize,
+        j: usize,
+        stride: usize,
+    ) {
+        let mut x = Xs {
+            q: [std::ptr::null(); R],
+            d: [std::ptr::null(); R],
+            s: [std::ptr::null(); R],
+        };
+        for (r, row) in xs.iter().take(R).enumerate() {
+            x.q[r] = row.q.as_ptr();
+            x.d[r] = row.d.as_ptr();
+            x.s[r] = row.s.as_ptr();
+        }
+        let mut wp = [std::ptr::null::<B>(); C];
+        for (p, w) in wp.iter_mut().zip(ws) {
+            *p = w.as_ptr();
+        }
+        // Rows are short (a q8_0 row of 1024 weights is 17 cache lines) and read C at a time,
+        // so the hardware prefetcher never gets going: fetch the rows the next tile reads,
+        // C rows further on, at the same offset.
+        let ahead = C * nb;
+        let mut acc = [[_mm256_setzero_ps(); R]; C];
+        for bi in 0..nb {
+            for c in 0..C {
+                let b = wp[c].add(bi);
+                prefetch(b.wrapping_add(ahead) as *const u8, std::mem::size_of::<B>());
+                B::dot(b, &x, bi * B::PER, &mut acc[c]);
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            for (r, a) in acc.iter().enumerate() {
+                out[(i + r) * stride + j + c] = hsum(*a);
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K];
+
+    #[test]
+    fn block_readers_match_candles_dequantization() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k) = (8, 512);
+        let w = Tensor::from_vec(data(n * k, 11), (n, k), &dev)?;
+        for dtype in FORMATS {
+            let q = QTensor::quantize(&w, dtype)?;
+            let want: Vec<f32> = q.dequantize(&dev)?.flatten_all()?.to_vec1()?;
+            let bytes = q.data()?;
+            let got: Vec<f32> = match dtype {
+                GgmlDType::Q8_0 => weights(as_blocks::<BlockQ8_0>(&bytes)?),
+                GgmlDType::Q4_0 => weights(as_blocks::<BlockQ4_0>(&bytes)?),
+                _ => weights(as_blocks::<BlockQ4K>(&bytes)?),
+            };
+            assert_eq!(got.len(), want.len());
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                    "{dtype:?} [{i}]: {g} vs {e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn weights<B: Block>(blocks: &[B]) -> Vec<f32> {
+        blocks
+            .iter()
+            .flat_map(|b| (0..B::PER).map(move |i| b.weight(i)))
+            .collect()
+    }
+
+    #[test]
+    fn products_match_the_dequantized_weights() -> Result<()> {
+        if !has_simd() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (n, k) = (24, 512);
+        let w = Tensor::from_vec(data(n * k, 7), (n, k), &dev)?;
+        for dtype in FORMATS {
+            let q = QTensor::quantize(&w, dtype)?;
+            let deq = q.dequantize(&dev)?;
+            for m in [1, 2, 3, 4, 5, 6, 7, 9, 32, 40] {
+                let x = Tensor::from_vec(data(m * k, m as u32), (m, k), &dev)?;
+                let want = x.matmul(&deq.t()?)?;
+                let got = quantized_matmul_t(&x, &q)?.expect("a kernel for each format");
+                // 16-bit activations: each term off by at most |w| * max|x| / 65534.
+                let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 2e-3, "{dtype:?} m = {m}: {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn simd_kernel_matches_the_scalar_one_on_the_same_rounding() -> Result<()> {
+        if !has_simd() {
+            return Ok(());
+        }
+        let (m, n, k) = (5, 16, 512);
+        let w = Tensor::from_vec(data(n * k, 3), (n, k), &Device::Cpu)?;
+        let x = data(m * k, 4);
+        let acts = Rows16::new(&x, k);
+        let rows = acts.rows();
+        for dtype in FORMATS {
+            let q = QTensor::quantize(&w, dtype)?;
+            let bytes = q.data()?;
+            let (got, want) = match dtype {
+                GgmlDType::Q8_0 => both(&x, &rows, as_blocks::<BlockQ8_0>(&bytes)?, n, k),
+                GgmlDType::Q4_0 => both(&x, &rows, as_blocks::<BlockQ4_0>(&bytes)?, n, k),
+                _ => both(&x, &rows, as_blocks::<BlockQ4K>(&bytes)?, n, k),
+            };
+            for (g, e) in got.iter().zip(&want) {
+                assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{dtype:?}: {g} vs {e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn both<B: Block>(
+        x: &[f32],
+        rows: &[Row16<'_>],
+        w: &[B],
+        n: usize,
+        k: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let m = rows.len();
+        let got = matmul_blocks(x, m, w, n, k);
+        let want = row_major(&products(rows, w, n, k / B::PER, k, scalar_tile::<B>), m, n);
+        (got, want)
+    }
+
+    #[test]
+    fn a_row_is_bit_identical_alone_and_batched() -> Result<()> {
+        if !has_simd() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (m, n, k) = (7, 40, 256);
+        let x = Tensor::from_vec(data(m * k, 5), (m, k), &dev)?;
+        let w = Tensor::from_vec(data(n * k, 6), (n, k), &dev)?;
+        for dtype in FORMATS {
+            let q = QTensor::quantize(&w, dtype)?;
+            let batched = quantized_matmul_t(&x, &q)?.expect("a kernel");
+            let batched: Vec<Vec<f32>> = batched.to_vec2()?;
+            for (i, row) in batched.iter().enumerate() {
+                let alone = quantized_matmul_t(&x.narrow(0, i, 1)?, &q)?.expect("a kernel");
+                assert_eq!(&alone.to_vec2::<f32>()?[0], row, "{dtype:?} row {i}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn non_finite_activations_give_non_finite_output() -> Result<()> {
+        if !has_simd() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let k = 64;
+        let mut x = data(k, 9);
+        x[3] = f32::NAN;
+        let x = Tensor::from_vec(x, (1, k), &dev)?;
+        let w = Tensor::from_vec(data(2 * k, 10), (2, k), &dev)?;
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let got: Vec<f32> = quantized_matmul_t(&x, &q)?
+            .expect("a kernel")
+            .flatten_all()?
+            .to_vec1()?;
+        assert!(got.iter().all(|v| v.is_nan()), "{got:?}");
+        Ok(())
+    }
+}
