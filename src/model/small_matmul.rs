@@ -254,9 +254,6 @@ mod avx2 {
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
-    /// How far ahead of its reads each weight row is prefetched.
-    const PREFETCH_BYTES: usize = 1024;
-
     pub fn available() -> bool {
         std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
@@ -277,7 +274,6 @@ mod avx2 {
                 #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn load32(row: *const Self, p: usize) -> [__m256; 4] {
                     let at = row.add(p);
-                    _mm_prefetch::<_MM_HINT_T0>((at as *const i8).add(PREFETCH_BYTES));
                     let load8 = $load8;
                     [
                         load8(at),
@@ -383,10 +379,20 @@ mod avx2 {
         for (p, w) in wp.iter_mut().zip(ws) {
             *p = w.as_ptr();
         }
+        // Prefetch the rows the next tile reads (C rows on, same offset): far enough ahead
+        // for DRAM latency even when several activation rows slow the pass down, which
+        // a fixed distance inside the row was not.
+        let ahead = C * ws.first().map_or(0, |w| w.len());
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut p = 0;
         while p < k32 {
             for c in 0..C {
+                let next = wp[c].wrapping_add(ahead + p) as *const u8;
+                let mut off = 0;
+                while off < 32 * std::mem::size_of::<W>() {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off) as *const i8);
+                    off += 64;
+                }
                 let wv = W::load32(wp[c], p);
                 for (g, w) in wv.iter().enumerate() {
                     for r in 0..R {
