@@ -2,7 +2,8 @@
 //! requests, and 16 requests run concurrently versus one after another.
 //!
 //! `cargo bench --bench engine` (model: `models/tiny-mixtral`, or `MIXSERVE_BENCH_MODEL=DIR`;
-//! `MIXSERVE_BENCH_TOKENS` new tokens per request, default 64).
+//! `MIXSERVE_BENCH_TOKENS` new tokens per request, default 64; `MIXSERVE_BENCH_CONCURRENCY`
+//! the concurrency levels, default `1,4,16,64`).
 
 use candle_core::{DType, Device};
 use mixserve::config::MoeConfig;
@@ -81,6 +82,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
+    let levels: Vec<usize> = std::env::var("MIXSERVE_BENCH_CONCURRENCY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16, 64]);
     let engine = start(&dir);
     // Warm-up.
     run_concurrent(&engine, &[0], 8);
@@ -90,7 +95,7 @@ fn main() {
         "{:>11} {:>10} {:>9} {:>14}",
         "concurrency", "tokens", "seconds", "tokens/s"
     );
-    for c in [1usize, 4, 16, 64] {
+    for &c in &levels {
         let ids: Vec<usize> = (0..c).collect();
         let (n, s) = run_concurrent(&engine, &ids, tokens);
         println!("{c:>11} {n:>10} {s:>9.3} {:>14.1}", n as f64 / s);

@@ -269,7 +269,8 @@ impl EngineCore {
                 return;
             }
         };
-        let logits = match output.logits.to_vec2::<f32>() {
+        // One flat copy out of the tensor; rows are borrowed from it.
+        let (logits, vocab) = match logits_rows(&output.logits) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("reading logits failed: {e}");
@@ -280,7 +281,7 @@ impl EngineCore {
             }
         };
         for rows in output.rows {
-            self.postprocess(rows, &logits);
+            self.postprocess(rows, &logits, vocab);
         }
     }
 
@@ -293,7 +294,8 @@ impl EngineCore {
         }
     }
 
-    fn postprocess(&mut self, rows: SeqRows, logits: &[Vec<f32>]) {
+    fn postprocess(&mut self, rows: SeqRows, logits: &[f32], vocab: usize) {
+        let row_of = |r: usize| &logits[r * vocab..(r + 1) * vocab];
         let bs = self.blocks.block_size();
         let Some(seq) = self.seqs.get_mut(&rows.id) else {
             return;
@@ -322,7 +324,7 @@ impl EngineCore {
                 let pos = rows.first_pos + k;
                 let target = req.request.prompt[pos + 1];
                 req.prompt_logprobs
-                    .push(Some(token_logprob(&logits[row], target, top_n)));
+                    .push(Some(token_logprob(row_of(row), target, top_n)));
             }
             if computed >= prompt_len {
                 let mut all = vec![None];
@@ -341,7 +343,7 @@ impl EngineCore {
         let Some(row) = rows.sample_row else {
             return;
         };
-        self.sample(seq_id, &logits[row]);
+        self.sample(seq_id, row_of(row));
     }
 
     /// Creates samples 1.. of a request. Those that fit in the running set start right away,
@@ -404,16 +406,22 @@ impl EngineCore {
         if seq.num_generated() >= r.max_tokens {
             return Ok(Some((FinishReason::Length, None)));
         }
-        let mut logits = raw.to_vec();
-        apply_penalties(&mut logits, &r.sampling, &r.prompt, seq.output());
-        if seq.num_generated() < r.min_tokens {
-            for &t in &req.stop_ids {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
+        let blocks_stops = seq.num_generated() < r.min_tokens && !req.stop_ids.is_empty();
+        let token = if r.sampling.has_penalties() || blocks_stops {
+            let mut logits = raw.to_vec();
+            apply_penalties(&mut logits, &r.sampling, &r.prompt, seq.output());
+            if blocks_stops {
+                for &t in &req.stop_ids {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
                 }
             }
-        }
-        let token = seq.sampler.sample(&logits);
+            seq.sampler.sample(&logits)
+        } else {
+            // Nothing rewrites the logits: sample from the row itself, no copy.
+            seq.sampler.sample(raw)
+        };
         let logprob = r.logprobs.map(|n| token_logprob(raw, token, n));
         seq.tokens.push(token);
         req.completion_tokens += 1;
@@ -525,6 +533,12 @@ impl EngineCore {
 }
 
 /// Log-probability of `token` under `logits`, with the `top_n` most likely alternatives.
+/// The logits `[rows, vocab]` as one flat vector, and the vocabulary size.
+fn logits_rows(t: &candle_core::Tensor) -> candle_core::Result<(Vec<f32>, usize)> {
+    let (_, vocab) = t.dims2()?;
+    Ok((t.flatten_all()?.to_vec1::<f32>()?, vocab))
+}
+
 pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();

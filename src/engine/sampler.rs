@@ -85,7 +85,7 @@ impl SamplingParams {
         )
     }
 
-    fn has_penalties(&self) -> bool {
+    pub fn has_penalties(&self) -> bool {
         self.repetition_penalty != 1.0
             || self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
@@ -219,15 +219,35 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit; ties go to the lowest index (as torch.argmax does).
+/// Index of the largest logit; ties go to the lowest index (as torch.argmax does), NaNs are
+/// never the largest. Eight independent lanes so the scan vectorises: it runs once per
+/// sequence and step over the whole vocabulary.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    const LANES: usize = 8;
+    let mut best = [f32::NEG_INFINITY; LANES];
+    let mut at = [0usize; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for (c, chunk) in chunks.enumerate() {
+        for l in 0..LANES {
+            if chunk[l] > best[l] {
+                best[l] = chunk[l];
+                at[l] = c * LANES + l;
+            }
         }
     }
-    best as u32
+    let (mut best_v, mut best_i) = (f32::NEG_INFINITY, 0usize);
+    let lanes = best.iter().zip(&at).map(|(&v, &i)| (v, i));
+    let rest = tail
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v, logits.len() - tail.len() + i));
+    for (v, i) in lanes.chain(rest) {
+        if v > best_v || (v == best_v && i < best_i) {
+            (best_v, best_i) = (v, i);
+        }
+    }
+    best_i as u32
 }
 
 #[cfg(test)]
@@ -238,6 +258,34 @@ mod tests {
     fn greedy_is_argmax() {
         let mut s = Sampler::new(SamplingParams::greedy());
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_ties_across_lanes_and_the_tail() {
+        let naive = |l: &[f32]| {
+            let mut best = 0;
+            for (i, &v) in l.iter().enumerate() {
+                if v > l[best] || l[best].is_nan() && !v.is_nan() {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut l: Vec<f32> = (0..21).map(|i| (i % 5) as f32).collect();
+        assert_eq!(argmax(&l), naive(&l)); // 4.0 first at 4, again at 9, 14, 19 (tail)
+        l[20] = 7.0; // the largest in the tail
+        assert_eq!(argmax(&l), 20);
+        l[13] = 7.0; // tie: the lower index wins
+        assert_eq!(argmax(&l), 13);
+        l[2] = f32::NAN;
+        assert_eq!(argmax(&l), 13);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 11]), 0);
+        for seed in 0..50u32 {
+            let v: Vec<f32> = (0..37u32)
+                .map(|i| ((i.wrapping_mul(2654435761) ^ seed.wrapping_mul(40503)) % 9) as f32)
+                .collect();
+            assert_eq!(argmax(&v), naive(&v), "{v:?}");
+        }
     }
 
     #[test]

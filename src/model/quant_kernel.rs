@@ -9,7 +9,7 @@
 //! one float scale per block and row. Integer sums are exact and each row's float
 //! accumulation runs in a fixed order, so a row's result is the same alone or batched.
 
-use super::small_matmul::{has_simd, products, row_major, MAX_ROWS};
+use super::small_matmul::{has_simd, products, MAX_ROWS};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Result, Tensor};
 use half::f16;
@@ -273,8 +273,7 @@ fn quantized<B: Block>(xs: &Tensor, q: &QTensor) -> Result<Tensor> {
 /// `x [m, k] @ W^T` for `W` given as `n` rows of `k / B::PER` blocks: `[m, n]` row-major.
 pub fn matmul_blocks<B: Block>(x: &[f32], m: usize, w: &[B], n: usize, k: usize) -> Vec<f32> {
     let acts = Rows16::new(&x[..m * k], k);
-    let out_t = products(&acts.rows(), w, n, k / B::PER, k, B::tile_kernel());
-    row_major(&out_t, m, n)
+    products(&acts.rows(), w, n, k / B::PER, k, B::tile_kernel())
 }
 
 /// The same products in plain Rust on the same rounded activations, for tests and CPUs
@@ -644,7 +643,7 @@ mod tests {
     ) -> (Vec<f32>, Vec<f32>) {
         let m = rows.len();
         let got = matmul_blocks(x, m, w, n, k);
-        let want = row_major(&products(rows, w, n, k / B::PER, k, scalar_tile::<B>), m, n);
+        let want = products(rows, w, n, k / B::PER, k, scalar_tile::<B>);
         (got, want)
     }
 

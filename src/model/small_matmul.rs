@@ -152,25 +152,17 @@ const MIN_WEIGHTS_PER_TASK: usize = 64 * 1024;
 /// `x [m, k] @ W^T` for `W` given as `n` rows of `k` weights: `[m, n]` row-major.
 pub fn matmul_rows<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
     let x_rows: Vec<&[f32]> = x.chunks_exact(k.max(1)).take(m).collect();
-    let kernel = W::tile_kernel();
-    let out_t = products(&x_rows, w, n, k, k, kernel);
-    row_major(&out_t, m, n)
+    products(&x_rows, w, n, k, k, W::tile_kernel())
 }
 
-/// `[n, m]` column-major products as `[m, n]` row-major.
-pub(super) fn row_major(out_t: &[f32], m: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    for (j, col) in out_t.chunks_exact(m.max(1)).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
-    }
-    out
-}
+/// The output matrix, shared by the tasks that fill disjoint column ranges of it.
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint columns (see `products`), and the buffer outlives them.
+unsafe impl Sync for SharedOut {}
 
 /// All products of the activation rows `xs` (`k` wide) with the `n` weight rows of `w`
-/// (`kw` elements each), returned column-major (`[n, m]`). `kernel` computes one tile: every
-/// activation row against up to [`TILE_COLS`] weight rows, into `out[i * c + ci]`.
+/// (`kw` elements each): `[m, n]` row-major. `kernel` computes one tile: every activation
+/// row against up to [`TILE_COLS`] weight rows, into `out[i * c + ci]`.
 pub(super) fn products<X: Sync, W: Sync>(
     xs: &[X],
     w: &[W],
@@ -180,9 +172,9 @@ pub(super) fn products<X: Sync, W: Sync>(
     kernel: impl Fn(&[X], &[&[W]], &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let m = xs.len();
-    let mut out_t = vec![0f32; n * m];
+    let mut out = vec![0f32; m * n];
     if n == 0 || m == 0 {
-        return out_t;
+        return out;
     }
     // Chunks of at least ~64K weights (the pool's hand-off costs microseconds), and enough
     // of them to balance the pool; small products run on the calling thread.
@@ -193,30 +185,36 @@ pub(super) fn products<X: Sync, W: Sync>(
         .max(min_cols)
         .clamp(TILE_COLS, 512)
         .next_multiple_of(TILE_COLS);
-    let run = |(chunk, out): (usize, &mut [f32])| {
-        let j0 = chunk * cols;
+    let shared = SharedOut(out.as_mut_ptr());
+    let run = |chunk: usize| {
+        let shared = &shared;
         let mut tile = vec![0f32; m * TILE_COLS];
-        for (jj, out_cols) in out.chunks_mut(TILE_COLS * m).enumerate() {
-            let j = j0 + jj * TILE_COLS;
-            let c = out_cols.len() / m;
+        for j in (chunk * cols..((chunk + 1) * cols).min(n)).step_by(TILE_COLS) {
+            let c = TILE_COLS.min(n - j);
             let mut w_rows: [&[W]; TILE_COLS] = [&[]; TILE_COLS];
             for (ci, row) in w_rows.iter_mut().take(c).enumerate() {
                 *row = &w[(j + ci) * kw..(j + ci + 1) * kw];
             }
             kernel(xs, &w_rows[..c], &mut tile[..m * c]);
             for i in 0..m {
-                for ci in 0..c {
-                    out_cols[ci * m + i] = tile[i * c + ci];
+                // SAFETY: row i, columns j..j + c: inside the buffer, and this chunk's alone.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        tile[i * c..].as_ptr(),
+                        shared.0.add(i * n + j),
+                        c,
+                    );
                 }
             }
         }
     };
-    if n <= cols {
-        out_t.chunks_mut(cols * m).enumerate().for_each(run);
+    let chunks = n.div_ceil(cols);
+    if chunks == 1 {
+        run(0);
     } else {
-        out_t.par_chunks_mut(cols * m).enumerate().for_each(run);
+        (0..chunks).into_par_iter().for_each(run);
     }
-    out_t
+    out
 }
 
 /// Plain Rust, for CPUs without AVX2 (the compiler vectorises the 8-lane accumulators).
