@@ -242,7 +242,9 @@ pub fn quantized_matmul_t(xs: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
     match q.dtype() {
         GgmlDType::Q8_0 => quantized::<BlockQ8_0>(xs, q).map(Some),
         GgmlDType::Q4_0 => quantized::<BlockQ4_0>(xs, q).map(Some),
-        GgmlDType::Q4K if std::env::var_os("CANDLE_Q4K").is_none() => quantized::<BlockQ4K>(xs, q).map(Some),
+        GgmlDType::Q4K if std::env::var_os("CANDLE_Q4K").is_none() => {
+            quantized::<BlockQ4K>(xs, q).map(Some)
+        }
         _ => Ok(None),
     }
 }

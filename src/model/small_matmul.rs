@@ -18,8 +18,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Up to this many rows take the small-batch path. Beyond it gemm's packing pays for itself:
-/// for f32 weights from 16 rows on (`cargo bench --bench matmul`: equal at 16, gemm 1.3x
-/// faster at 32); candle's bf16/f16 gemm stays slower up to 32 rows at least.
+/// with the AVX2 kernel, for f32 weights from 16 rows on (`cargo bench --bench matmul`: equal
+/// at 16, gemm 1.3x faster at 32); the AVX-512 one and bf16/f16 stay faster up to 32 rows.
 pub const MAX_ROWS: usize = 32;
 const MAX_ROWS_F32: usize = 16;
 
@@ -32,7 +32,7 @@ pub fn small_matmul_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
 pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
     let supported = |dt: DType| matches!(dt, DType::F32 | DType::BF16 | DType::F16);
     let max_rows = match weight.dtype() {
-        DType::F32 => MAX_ROWS_F32,
+        DType::F32 if !has_avx512() => MAX_ROWS_F32,
         _ => MAX_ROWS,
     };
     xs.device().is_cpu()
@@ -110,6 +110,18 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
 /// rows into `out[i * c + ci]`.
 pub type TileFn<W> = fn(&[&[f32]], &[&[W]], &mut [f32]);
 
+/// Whether the float kernels run 16 lanes wide (then f32 products beat gemm up to 32 rows).
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU has the SIMD kernels (otherwise a portable, slower path runs).
 pub fn has_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -130,6 +142,10 @@ macro_rules! weight_elem {
             }
             fn tile_kernel() -> TileFn<Self> {
                 #[cfg(target_arch = "x86_64")]
+                if avx512::available() {
+                    return avx512::tile::<$ty>;
+                }
+                #[cfg(target_arch = "x86_64")]
                 if avx2::available() {
                     return avx2::tile::<$ty>;
                 }
@@ -141,6 +157,7 @@ macro_rules! weight_elem {
 weight_elem!(f32, |r: &[f32], q: usize| r[q]);
 weight_elem!(bf16, |r: &[bf16], q: usize| r[q].to_f32());
 weight_elem!(f16, |r: &[f16], q: usize| r[q].to_f32());
+
 /// Activation rows per register block, and weight rows per kernel call (whose reads from
 /// DRAM are shared by all the activation rows).
 pub(super) const TILE_ROWS: usize = 4;
@@ -216,6 +233,9 @@ pub(super) fn products<X: Sync, W: Sync>(
     }
     out
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Plain Rust, for CPUs without AVX2 (the compiler vectorises the 8-lane accumulators).
 mod portable {
@@ -513,6 +533,43 @@ mod tests {
             assert_eq!(&alone[0], row, "row {i}");
         }
         Ok(())
+    }
+
+    /// Each SIMD kernel the CPU has, not only the one `tile_kernel` picks: every kernel
+    /// against the reference, and a row alone against the same row in a batch.
+    #[test]
+    fn every_available_kernel_matches_and_is_batch_invariant() {
+        let kernels: Vec<(&str, TileFn<f32>)> = {
+            let mut v: Vec<(&str, TileFn<f32>)> = vec![("portable", portable::tile::<f32>)];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx2::available() {
+                    v.push(("avx2", avx2::tile::<f32>));
+                }
+                if avx512::available() {
+                    v.push(("avx512", avx512::tile::<f32>));
+                }
+            }
+            v
+        };
+        let (m, n, k) = (11, 37, 200);
+        let x = data(m * k, 21);
+        let w = data(n * k, 22);
+        let want = reference(&x, &w, m, n, k);
+        let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+        for (name, kernel) in kernels {
+            let got = products(&rows, &w, n, k, k, kernel);
+            for (g, e) in got.iter().zip(&want) {
+                assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{name}: {g} vs {e}"
+                );
+            }
+            for i in 0..m {
+                let alone = products(&rows[i..i + 1], &w, n, k, k, kernel);
+                assert_eq!(alone[..], got[i * n..(i + 1) * n], "{name}: row {i}");
+            }
+        }
     }
 
     #[test]
