@@ -92,6 +92,10 @@ macro_rules! tile_kernel {
     () => {
         fn tile_kernel() -> TileFn<Self> {
             #[cfg(target_arch = "x86_64")]
+            if avx512::available() {
+                return avx512::tile::<Self>;
+            }
+            #[cfg(target_arch = "x86_64")]
             if has_simd() {
                 return avx2::tile::<Self>;
             }
@@ -299,6 +303,9 @@ fn scalar_tile<B: Block>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// AVX2 kernels: per row and block, an exact i32 dot product of 16-bit weights and
 /// activations, converted once and scaled into an 8-lane f32 accumulator.
@@ -608,12 +615,13 @@ mod tests {
         Ok(())
     }
 
+    /// Every SIMD kernel the CPU has (not only the one `tile_kernel` picks) against the
+    /// scalar one on the same rounded activations, and a row alone against the same row in
+    /// a batch.
+    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn simd_kernel_matches_the_scalar_one_on_the_same_rounding() -> Result<()> {
-        if !has_simd() {
-            return Ok(());
-        }
-        let (m, n, k) = (5, 16, 512);
+    fn every_simd_kernel_matches_the_scalar_one_and_is_batch_invariant() -> Result<()> {
+        let (m, n, k) = (7, 20, 512);
         let w = Tensor::from_vec(data(n * k, 3), (n, k), &Device::Cpu)?;
         let x = data(m * k, 4);
         let acts = Rows16::new(&x, k);
@@ -621,32 +629,39 @@ mod tests {
         for dtype in FORMATS {
             let q = QTensor::quantize(&w, dtype)?;
             let bytes = q.data()?;
-            let (got, want) = match dtype {
-                GgmlDType::Q8_0 => both(&x, &rows, as_blocks::<BlockQ8_0>(&bytes)?, n, k),
-                GgmlDType::Q4_0 => both(&x, &rows, as_blocks::<BlockQ4_0>(&bytes)?, n, k),
-                _ => both(&x, &rows, as_blocks::<BlockQ4K>(&bytes)?, n, k),
-            };
-            for (g, e) in got.iter().zip(&want) {
-                assert!(
-                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                    "{dtype:?}: {g} vs {e}"
-                );
+            match dtype {
+                GgmlDType::Q8_0 => check(&rows, as_blocks::<BlockQ8_0>(&bytes)?, n, k),
+                GgmlDType::Q4_0 => check(&rows, as_blocks::<BlockQ4_0>(&bytes)?, n, k),
+                _ => check(&rows, as_blocks::<BlockQ4K>(&bytes)?, n, k),
             }
         }
         Ok(())
     }
 
-    fn both<B: Block>(
-        x: &[f32],
-        rows: &[Row16<'_>],
-        w: &[B],
-        n: usize,
-        k: usize,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let m = rows.len();
-        let got = matmul_blocks(x, m, w, n, k);
-        let want = products(rows, w, n, k / B::PER, k, scalar_tile::<B>);
-        (got, want)
+    #[cfg(target_arch = "x86_64")]
+    fn check<B: avx2::Dot + avx512::Dot512>(rows: &[Row16<'_>], w: &[B], n: usize, k: usize) {
+        let kw = k / B::PER;
+        let want = products(rows, w, n, kw, k, scalar_tile::<B>);
+        let mut kernels: Vec<(&str, TileFn<B>)> = Vec::new();
+        if has_simd() {
+            kernels.push(("avx2", avx2::tile::<B>));
+        }
+        if avx512::available() {
+            kernels.push(("avx512", avx512::tile::<B>));
+        }
+        for (name, kernel) in kernels {
+            let got = products(rows, w, n, kw, k, kernel);
+            for (g, e) in got.iter().zip(&want) {
+                assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{name}: {g} vs {e}"
+                );
+            }
+            for i in 0..rows.len() {
+                let alone = products(&rows[i..i + 1], w, n, kw, k, kernel);
+                assert_eq!(alone[..], got[i * n..(i + 1) * n], "{name}: row {i}");
+            }
+        }
     }
 
     #[test]

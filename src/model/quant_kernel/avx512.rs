@@ -1,0 +1,219 @@
+//! AVX-512 versions of the integer kernels: a block of 32 weights is one 512-bit register of
+//! 16-bit values, so a row's block product is one `vpmaddwd`, one conversion and one scaled
+//! FMA, about half the instructions of the AVX2 kernel, which is compute-bound once several
+//! rows share each weight. Same arithmetic (exact i32 block sums, one f32 scale per block and
+//! row), chosen at run time for every product on CPUs with AVX-512F and BW.
+
+use super::super::small_matmul::TILE_COLS;
+use super::{Block, BlockQ4K, BlockQ4_0, BlockQ8_0, Row16};
+use std::arch::x86_64::*;
+
+pub fn available() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
+/// Pointers to the start of `R` activation rows.
+pub struct Xs<const R: usize> {
+    q: [*const i16; R],
+    d: [*const f32; R],
+    s: [*const f32; R],
+}
+
+pub trait Dot512: Block {
+    /// Adds block `b`'s products with the `R` rows (from weight index `p`) to `acc`.
+    ///
+    /// # Safety
+    /// The rows hold at least `p + PER` values; the CPU has AVX-512F and BW.
+    unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m512; R]);
+}
+
+/// An f16 scale, broadcast.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn scale(d: [u8; 2]) -> __m512 {
+    _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes(d)))
+}
+
+/// 32 weights as i16 with scale `dw` against each row's block at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn dot32<const R: usize>(
+    w: __m512i,
+    dw: __m512,
+    x: &Xs<R>,
+    p: usize,
+    acc: &mut [__m512; R],
+) {
+    for (r, acc) in acc.iter_mut().enumerate() {
+        let s = _mm512_madd_epi16(w, _mm512_loadu_si512(x.q[r].add(p) as *const __m512i));
+        let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d[r].add(p / 32)));
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, *acc);
+    }
+}
+
+impl Dot512 for BlockQ8_0 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m512; R]) {
+        let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((*b).qs.as_ptr() as *const __m256i));
+        dot32(w, scale((*b).d), x, p, acc);
+    }
+}
+
+impl Dot512 for BlockQ4_0 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m512; R]) {
+        let bytes = _mm_loadu_si128((*b).qs.as_ptr() as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(bytes, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
+        // Weights 0..16 are the low nibbles, 16..32 the high ones, each offset by 8.
+        let q = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+        dot32(_mm512_cvtepi8_epi16(q), scale((*b).d), x, p, acc);
+    }
+}
+
+impl Dot512 for BlockQ4K {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m512; R]) {
+        let blk = &*b;
+        let (sc, mn) = blk.scales_mins();
+        let d = _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes(blk.d)));
+        let mask = _mm256_set1_epi8(0x0F);
+        for pair in 0..4 {
+            let bytes = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * pair) as *const __m256i);
+            let lo = _mm256_and_si256(bytes, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask);
+            for (half, v) in [lo, hi].into_iter().enumerate() {
+                let j = 2 * pair + half;
+                let dw = _mm512_mul_ps(d, _mm512_set1_ps(sc[j] as f32));
+                dot32(_mm512_cvtepu8_epi16(v), dw, x, p + 32 * j, acc);
+            }
+        }
+        // The mins: minus dmin * min_j * (sum of the row's block j), one lane per j.
+        let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+            mn.as_ptr() as *const __m128i
+        )));
+        let dmin = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes(blk.dmin)));
+        let mins = _mm512_zextps256_ps512(_mm256_mul_ps(dmin, mins));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let sums = _mm512_zextps256_ps512(_mm256_loadu_ps(x.s[r].add(p / 32)));
+            *acc = _mm512_fnmadd_ps(mins, sums, *acc);
+        }
+    }
+}
+
+pub fn tile<B: Dot512>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
+    assert!(available());
+    let (m, c) = (xs.len(), ws.len());
+    assert!(c <= TILE_COLS && out.len() >= m * c);
+    let nb = ws.first().map_or(0, |w| w.len());
+    let k = nb * B::PER;
+    assert!(ws.iter().all(|w| w.len() == nb));
+    assert!(xs
+        .iter()
+        .all(|x| x.q.len() >= k && x.d.len() * 32 >= k && x.s.len() * 32 >= k));
+    // SAFETY: `available()` confirmed the CPU features; every row holds `k` values and
+    // every weight row `nb` blocks (checked above).
+    unsafe {
+        // Groups of 4 rows against 4 weight rows (read from DRAM once, re-read from L1 by
+        // the following groups), then the rows left.
+        let full = m / 4 * 4;
+        let mut j = 0;
+        while j + 4 <= c {
+            for i in (0..full).step_by(4) {
+                block::<B, 4, 4>(&xs[i..i + 4], &ws[j..j + 4], nb, out, i, j, c);
+            }
+            j += 4;
+        }
+        while j < c {
+            for i in (0..full).step_by(4) {
+                block::<B, 4, 1>(&xs[i..i + 4], &ws[j..j + 1], nb, out, i, j, c);
+            }
+            j += 1;
+        }
+        let rest = &xs[full..];
+        match rest.len() {
+            0 => {}
+            1 => columns::<B, 1, 8>(rest, ws, nb, out, full),
+            2 => columns::<B, 2, 4>(rest, ws, nb, out, full),
+            _ => columns::<B, 3, 4>(rest, ws, nb, out, full),
+        }
+    }
+}
+
+/// All the tile's weight rows against `R` activation rows: blocks of `C`, then singles.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn columns<B: Dot512, const R: usize, const C: usize>(
+    xs: &[Row16<'_>],
+    ws: &[&[B]],
+    nb: usize,
+    out: &mut [f32],
+    i: usize,
+) {
+    let c = ws.len();
+    let mut j = 0;
+    while j + C <= c {
+        block::<B, R, C>(xs, &ws[j..j + C], nb, out, i, j, c);
+        j += C;
+    }
+    while j < c {
+        block::<B, R, 1>(xs, &ws[j..j + 1], nb, out, i, j, c);
+        j += 1;
+    }
+}
+
+/// `R x C` products with their accumulators in registers.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn block<B: Dot512, const R: usize, const C: usize>(
+    xs: &[Row16<'_>],
+    ws: &[&[B]],
+    nb: usize,
+    out: &mut [f32],
+    i: usize,
+    j: usize,
+    stride: usize,
+) {
+    let mut x = Xs {
+        q: [std::ptr::null(); R],
+        d: [std::ptr::null(); R],
+        s: [std::ptr::null(); R],
+    };
+    for (r, row) in xs.iter().take(R).enumerate() {
+        x.q[r] = row.q.as_ptr();
+        x.d[r] = row.d.as_ptr();
+        x.s[r] = row.s.as_ptr();
+    }
+    let mut wp = [std::ptr::null::<B>(); C];
+    for (p, w) in wp.iter_mut().zip(ws) {
+        *p = w.as_ptr();
+    }
+    // Prefetch the rows the next tile reads (C rows on, same offset): the hardware
+    // prefetcher misses these short rows.
+    let ahead = C * nb;
+    let mut acc = [[_mm512_setzero_ps(); R]; C];
+    for bi in 0..nb {
+        for c in 0..C {
+            let b = wp[c].add(bi);
+            let next = b.wrapping_add(ahead) as *const u8;
+            let mut off = 0;
+            while off < std::mem::size_of::<B>() {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off) as *const i8);
+                off += 64;
+            }
+            B::dot(b, &x, bi * B::PER, &mut acc[c]);
+        }
+    }
+    for (c, acc) in acc.iter().enumerate() {
+        for (r, a) in acc.iter().enumerate() {
+            out[(i + r) * stride + j + c] = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
