@@ -1,4 +1,4 @@
-//! Integer kernels for GGML-quantized weights (q8_0, q4_0, q4k) in decode-sized products.
+//! Integer kernels for GGML-quantized weights (q8_0, q4_0) in decode-sized products.
 //!
 //! GGML's own kernels (candle's `QMatMul`) round the activations to 8 bits per block; on the
 //! reference fixtures that alone moved q8_0 prompt logprobs by up to 0.29. Widening the
@@ -8,6 +8,10 @@
 //! block is an exact integer dot product (`vpmaddwd`: 16 multiply-adds per instruction) with
 //! one float scale per block and row. Integer sums are exact and each row's float
 //! accumulation runs in a fixed order, so a row's result is the same alone or batched.
+//!
+//! q4k stays on candle's kernels (8-bit activations, whose error is small next to 4-bit
+//! weights'): a 16-bit q4k kernel here matched them on one sequence but was 1.5x slower at 16
+//! and could not use their integer prefill (bench/NOTES.md).
 
 use super::small_matmul::{has_simd, products, MAX_ROWS};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -31,42 +35,12 @@ pub struct BlockQ4_0 {
     qs: [u8; 16],
 }
 
-/// GGML's q4_K super-block of 256 weights: f16 scale and min-scale, eight 6-bit sub-block
-/// scales and mins packed in 12 bytes, then 4-bit weights. Weight `i` of sub-block `j` is
-/// `d * scale_j * q_i - dmin * min_j`; bytes `32 * (j / 2)..` hold sub-block `j` in their
-/// low (even `j`) or high (odd `j`) nibbles.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct BlockQ4K {
-    d: [u8; 2],
-    dmin: [u8; 2],
-    scales: [u8; 12],
-    qs: [u8; 128],
-}
-
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
-const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 
 /// A GGML f16 scale, little-endian.
 fn f16_le(d: [u8; 2]) -> f32 {
     f16::from_le_bytes(d).to_f32()
-}
-
-impl BlockQ4K {
-    /// The eight sub-block scales and mins (GGML's `get_scale_min_k4`).
-    fn scales_mins(&self) -> ([u8; 8], [u8; 8]) {
-        let q = &self.scales;
-        let mut sc = [0u8; 8];
-        let mut mn = [0u8; 8];
-        for j in 0..4 {
-            sc[j] = q[j] & 63;
-            mn[j] = q[j + 4] & 63;
-            sc[j + 4] = (q[j + 8] & 0x0F) | ((q[j] >> 6) << 4);
-            mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
-        }
-        (sc, mn)
-    }
 }
 
 /// Computes the `m x c` dot products of all activation rows with up to `TILE_COLS` weight
@@ -79,11 +53,6 @@ pub trait Block: Copy + Send + Sync + 'static {
     const PER: usize;
     /// The weight at index `i` of a block, as f32 (for tests and the scalar kernel).
     fn weight(&self, i: usize) -> f32;
-    /// The amount subtracted from every weight of sub-block `j` (q4k's minimums), which the
-    /// kernels apply to the row's exact block sums.
-    fn offset(&self, _j: usize) -> f32 {
-        0.0
-    }
     /// The tile kernel: AVX2 where the CPU has it, else plain Rust.
     fn tile_kernel() -> TileFn<Self>;
 }
@@ -122,25 +91,6 @@ impl Block for BlockQ4_0 {
     }
 }
 
-impl Block for BlockQ4K {
-    const PER: usize = 256;
-    tile_kernel!();
-    fn weight(&self, i: usize) -> f32 {
-        let sc = self.scales_mins().0;
-        let j = i / 32;
-        let byte = self.qs[32 * (j / 2) + i % 32];
-        let nibble = if j.is_multiple_of(2) {
-            byte & 0x0F
-        } else {
-            byte >> 4
-        };
-        f16_le(self.d) * sc[j] as f32 * nibble as f32 - self.offset(j)
-    }
-    fn offset(&self, j: usize) -> f32 {
-        f16_le(self.dmin) * self.scales_mins().1[j] as f32
-    }
-}
-
 /// Reads GGML block bytes (candle's `QTensor::data`) as blocks of `B`.
 pub fn as_blocks<B: Block>(bytes: &[u8]) -> Result<&[B]> {
     let size = std::mem::size_of::<B>();
@@ -159,8 +109,6 @@ pub struct Rows16 {
     q: Vec<i16>,
     /// `[m, k / 32]` scales: value = q * d.
     d: Vec<f32>,
-    /// `[m, k / 32]` exact f32 sums of each block (for formats with per-block minimums).
-    s: Vec<f32>,
 }
 
 /// One row of [`Rows16`].
@@ -168,7 +116,6 @@ pub struct Rows16 {
 pub struct Row16<'a> {
     q: &'a [i16],
     d: &'a [f32],
-    s: &'a [f32],
 }
 
 impl Rows16 {
@@ -179,7 +126,6 @@ impl Rows16 {
             k,
             q: vec![0; blocks * 32],
             d: vec![0.0; blocks],
-            s: vec![0.0; blocks],
         };
         #[cfg(target_arch = "x86_64")]
         if has_simd() {
@@ -202,7 +148,7 @@ impl Rows16 {
     #[inline(always)]
     fn fill(&mut self, x: &[f32]) {
         let blocks = x.chunks_exact(32).zip(self.q.chunks_exact_mut(32));
-        for ((block, q), (d, s)) in blocks.zip(self.d.iter_mut().zip(&mut self.s)) {
+        for ((block, q), d) in blocks.zip(self.d.iter_mut()) {
             let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
             let scale = amax / 32767.0;
             let (scale, inv) = if !block.iter().all(|v| v.is_finite()) {
@@ -218,7 +164,6 @@ impl Rows16 {
                 *q = (v * inv).round_ties_even().clamp(-32767.0, 32767.0) as i16;
             }
             *d = scale;
-            *s = block.iter().sum();
         }
     }
 
@@ -228,7 +173,6 @@ impl Rows16 {
             .map(|i| Row16 {
                 q: &self.q[i * self.k..(i + 1) * self.k],
                 d: &self.d[i * kb..(i + 1) * kb],
-                s: &self.s[i * kb..(i + 1) * kb],
             })
             .collect()
     }
@@ -246,9 +190,6 @@ pub fn quantized_matmul_t(xs: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
     match q.dtype() {
         GgmlDType::Q8_0 => quantized::<BlockQ8_0>(xs, q).map(Some),
         GgmlDType::Q4_0 => quantized::<BlockQ4_0>(xs, q).map(Some),
-        GgmlDType::Q4K if std::env::var_os("CANDLE_Q4K").is_none() => {
-            quantized::<BlockQ4K>(xs, q).map(Some)
-        }
         _ => Ok(None),
     }
 }
@@ -292,11 +233,7 @@ fn scalar_tile<B: Block>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
             for (bi, b) in w.iter().enumerate() {
                 for i in 0..B::PER {
                     let p = bi * B::PER + i;
-                    let scaled = b.weight(i) + b.offset(i / 32);
-                    acc += (scaled * x.q[p] as f32 * x.d[p / 32]) as f64;
-                }
-                for j in 0..B::PER / 32 {
-                    acc -= (b.offset(j) * x.s[bi * B::PER / 32 + j]) as f64;
+                    acc += (b.weight(i) * x.q[p] as f32 * x.d[p / 32]) as f64;
                 }
             }
             out[r * c + ci] = acc as f32;
@@ -312,7 +249,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::super::small_matmul::{TILE_COLS, TILE_ROWS};
-    use super::{Block, BlockQ4K, BlockQ4_0, BlockQ8_0, Row16};
+    use super::{Block, BlockQ4_0, BlockQ8_0, Row16};
     use std::arch::x86_64::*;
 
     /// Prefetches the cache lines of `bytes` bytes from `p`.
@@ -331,7 +268,6 @@ mod avx2 {
     pub struct Xs<const R: usize> {
         q: [*const i16; R],
         d: [*const f32; R],
-        s: [*const f32; R],
     }
 
     pub trait Dot: Block {
@@ -397,38 +333,6 @@ mod avx2 {
         }
     }
 
-    impl Dot for BlockQ4K {
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m256; R]) {
-            let blk = &*b;
-            let (sc, mn) = blk.scales_mins();
-            let d = scale(blk.d);
-            let mask = _mm256_set1_epi8(0x0F);
-            for pair in 0..4 {
-                let bytes = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * pair) as *const __m256i);
-                let lo = _mm256_and_si256(bytes, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask);
-                for (half, v) in [lo, hi].into_iter().enumerate() {
-                    let j = 2 * pair + half;
-                    let w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
-                    let w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(v));
-                    let dw = _mm256_mul_ps(d, _mm256_set1_ps(sc[j] as f32));
-                    dot32(w0, w1, dw, x, p + 32 * j, acc);
-                }
-            }
-            // The mins: minus dmin * min_j * (sum of the row's block j), one lane per j.
-            let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                mn.as_ptr() as *const __m128i
-            )));
-            let mins = _mm256_mul_ps(scale(blk.dmin), mins);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let sums = _mm256_loadu_ps(x.s[r].add(p / 32));
-                *acc = _mm256_fnmadd_ps(mins, sums, *acc);
-            }
-        }
-    }
-
     pub fn tile<B: Dot>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
         assert!(super::super::small_matmul::has_simd());
         let (m, c) = (xs.len(), ws.len());
@@ -436,9 +340,7 @@ mod avx2 {
         let nb = ws.first().map_or(0, |w| w.len());
         let k = nb * B::PER;
         assert!(ws.iter().all(|w| w.len() == nb));
-        assert!(xs
-            .iter()
-            .all(|x| x.q.len() >= k && x.d.len() * 32 >= k && x.s.len() * 32 >= k));
+        assert!(xs.iter().all(|x| x.q.len() >= k && x.d.len() * 32 >= k));
         let full = m / TILE_ROWS * TILE_ROWS;
         // SAFETY: `has_simd()` confirmed the CPU features; every row holds `k` values and
         // every weight row `nb` blocks (checked above).
@@ -501,12 +403,10 @@ mod avx2 {
         let mut x = Xs {
             q: [std::ptr::null(); R],
             d: [std::ptr::null(); R],
-            s: [std::ptr::null(); R],
         };
         for (r, row) in xs.iter().take(R).enumerate() {
             x.q[r] = row.q.as_ptr();
             x.d[r] = row.d.as_ptr();
-            x.s[r] = row.s.as_ptr();
         }
         let mut wp = [std::ptr::null::<B>(); C];
         for (p, w) in wp.iter_mut().zip(ws) {
@@ -558,7 +458,7 @@ mod tests {
             .collect()
     }
 
-    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K];
+    const FORMATS: [GgmlDType; 2] = [GgmlDType::Q8_0, GgmlDType::Q4_0];
 
     #[test]
     fn block_readers_match_candles_dequantization() -> Result<()> {
@@ -571,8 +471,7 @@ mod tests {
             let bytes = q.data()?;
             let got: Vec<f32> = match dtype {
                 GgmlDType::Q8_0 => weights(as_blocks::<BlockQ8_0>(&bytes)?),
-                GgmlDType::Q4_0 => weights(as_blocks::<BlockQ4_0>(&bytes)?),
-                _ => weights(as_blocks::<BlockQ4K>(&bytes)?),
+                _ => weights(as_blocks::<BlockQ4_0>(&bytes)?),
             };
             assert_eq!(got.len(), want.len());
             for (i, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -631,8 +530,7 @@ mod tests {
             let bytes = q.data()?;
             match dtype {
                 GgmlDType::Q8_0 => check(&rows, as_blocks::<BlockQ8_0>(&bytes)?, n, k),
-                GgmlDType::Q4_0 => check(&rows, as_blocks::<BlockQ4_0>(&bytes)?, n, k),
-                _ => check(&rows, as_blocks::<BlockQ4K>(&bytes)?, n, k),
+                _ => check(&rows, as_blocks::<BlockQ4_0>(&bytes)?, n, k),
             }
         }
         Ok(())

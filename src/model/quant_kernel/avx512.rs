@@ -5,7 +5,7 @@
 //! row), chosen at run time for every product on CPUs with AVX-512F and BW.
 
 use super::super::small_matmul::TILE_COLS;
-use super::{Block, BlockQ4K, BlockQ4_0, BlockQ8_0, Row16};
+use super::{Block, BlockQ4_0, BlockQ8_0, Row16};
 use std::arch::x86_64::*;
 
 pub fn available() -> bool {
@@ -20,7 +20,6 @@ pub fn available() -> bool {
 pub struct Xs<const R: usize> {
     q: [*const i16; R],
     d: [*const f32; R],
-    s: [*const f32; R],
 }
 
 pub trait Dot512: Block {
@@ -78,37 +77,6 @@ impl Dot512 for BlockQ4_0 {
     }
 }
 
-impl Dot512 for BlockQ4K {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn dot<const R: usize>(b: *const Self, x: &Xs<R>, p: usize, acc: &mut [__m512; R]) {
-        let blk = &*b;
-        let (sc, mn) = blk.scales_mins();
-        let d = _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes(blk.d)));
-        let mask = _mm256_set1_epi8(0x0F);
-        for pair in 0..4 {
-            let bytes = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * pair) as *const __m256i);
-            let lo = _mm256_and_si256(bytes, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask);
-            for (half, v) in [lo, hi].into_iter().enumerate() {
-                let j = 2 * pair + half;
-                let dw = _mm512_mul_ps(d, _mm512_set1_ps(sc[j] as f32));
-                dot32(_mm512_cvtepu8_epi16(v), dw, x, p + 32 * j, acc);
-            }
-        }
-        // The mins: minus dmin * min_j * (sum of the row's block j), one lane per j.
-        let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-            mn.as_ptr() as *const __m128i
-        )));
-        let dmin = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes(blk.dmin)));
-        let mins = _mm512_zextps256_ps512(_mm256_mul_ps(dmin, mins));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let sums = _mm512_zextps256_ps512(_mm256_loadu_ps(x.s[r].add(p / 32)));
-            *acc = _mm512_fnmadd_ps(mins, sums, *acc);
-        }
-    }
-}
-
 pub fn tile<B: Dot512>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
     assert!(available());
     let (m, c) = (xs.len(), ws.len());
@@ -116,9 +84,7 @@ pub fn tile<B: Dot512>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
     let nb = ws.first().map_or(0, |w| w.len());
     let k = nb * B::PER;
     assert!(ws.iter().all(|w| w.len() == nb));
-    assert!(xs
-        .iter()
-        .all(|x| x.q.len() >= k && x.d.len() * 32 >= k && x.s.len() * 32 >= k));
+    assert!(xs.iter().all(|x| x.q.len() >= k && x.d.len() * 32 >= k));
     // SAFETY: `available()` confirmed the CPU features; every row holds `k` values and
     // every weight row `nb` blocks (checked above).
     unsafe {
@@ -184,12 +150,10 @@ unsafe fn block<B: Dot512, const R: usize, const C: usize>(
     let mut x = Xs {
         q: [std::ptr::null(); R],
         d: [std::ptr::null(); R],
-        s: [std::ptr::null(); R],
     };
     for (r, row) in xs.iter().take(R).enumerate() {
         x.q[r] = row.q.as_ptr();
         x.d[r] = row.d.as_ptr();
-        x.s[r] = row.s.as_ptr();
     }
     let mut wp = [std::ptr::null::<B>(); C];
     for (p, w) in wp.iter_mut().zip(ws) {
