@@ -113,6 +113,8 @@ struct Row {
     decode_tok_s: f64,
     roofline: Roofline,
     roofline_tok_s: f64,
+    /// The memory read bandwidth measured before this row's configuration.
+    bandwidth_gb_s: f64,
     peak_rss_mb: Option<f64>,
 }
 
@@ -142,14 +144,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         eprintln!("saved {} to {}", kind.name(), dir.display());
     }
 
-    // Before any model is loaded, so the buffer neither competes with it nor counts in its RSS.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let bandwidth = memory_bandwidth(args.bandwidth_buffer, threads)?;
-    println!(
-        "memory read bandwidth: {:.1} GB/s ({} streamed by {threads} threads, best of 3)",
-        bandwidth / 1e9,
-        bytesize::ByteSize(args.bandwidth_buffer)
-    );
     let dtypes = if args.dtype.is_empty() && args.quant.is_empty() {
         vec![DTypeArg::F32]
     } else {
@@ -171,12 +166,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         .chain(args.quant.iter().map(|&q| (DTypeArg::F32, Some(q))))
         .collect();
     for &(dtype_arg, quant) in &configs {
+        // Measured again before each configuration, with no model loaded (the buffer neither
+        // competes with one nor counts in its RSS): on a shared VM the bandwidth drifts by
+        // tens of percent over minutes, and each roofline should use its own.
+        let bandwidth = memory_bandwidth(args.bandwidth_buffer, threads)?;
         // The load's own peak, not the bandwidth buffer's or the previous configuration's.
         let can_reset = reset_peak_rss();
         let (name, model, tokenizer) = load(&args, dtype_arg, quant, &device)?;
         let load_peak = rss_mb("VmHWM").filter(|_| can_reset);
         if !header_done {
-            print_header(&name, model.config(), &args, load_peak);
+            print_header(&name, model.config(), &args, load_peak, threads);
             header_done = true;
         }
         let dtype = model.dtype();
@@ -223,11 +222,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 decode_tok_s: s.decode_tok_s,
                 roofline_tok_s: c as f64 * bandwidth / roofline.bytes_per_step,
                 roofline,
+                bandwidth_gb_s: bandwidth / 1e9,
                 peak_rss_mb: rss_mb("VmHWM").filter(|_| can_reset),
             };
             print_row(&row);
             if let Some(out) = json.as_mut() {
-                let line = json_line(&name, &row, bandwidth, load_peak);
+                let line = json_line(&name, &row, load_peak);
                 writeln!(out, "{line}")
                     .and_then(|_| out.flush())
                     .context("writing the --json file")?;
@@ -608,7 +608,13 @@ fn param_count(cfg: &MoeConfig) -> f64 {
     cfg.num_layers as f64 * per_layer + heads * cfg.vocab_size as f64 * h + h
 }
 
-fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option<f64>) {
+fn print_header(
+    name: &str,
+    cfg: &MoeConfig,
+    args: &BenchArgs,
+    load_peak: Option<f64>,
+    threads: usize,
+) {
     let params = param_count(cfg);
     let params = if params >= 1e9 {
         format!("{:.2} B", params / 1e9)
@@ -644,11 +650,13 @@ fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option
         "roofline: bytes/step = per layer (attention + router + norms + X experts) + LM head (f32) \
          + embeddings + KV cache read (N x mean context x kv_dim x 2 x layers x dtype size), \
          X = E(1 - (1 - k/E)^N) distinct experts per layer (uniform routing); roofline tok/s = \
-         N x bandwidth / bytes/step"
+         N x bandwidth / bytes/step; bandwidth (GB/s) = memory read bandwidth measured before \
+         each configuration ({} streamed by {threads} threads, best of 3)",
+        bytesize::ByteSize(args.bandwidth_buffer)
     );
     println!("peak RSS: VmHWM during each configuration (reset before it)");
     println!(
-        "{:>5} {:>5} {:>13} {:>8} {:>8} {:>8} {:>8} {:>12} {:>8} {:>9} {:>14} {:>9} {:>12}",
+        "{:>5} {:>5} {:>13} {:>8} {:>8} {:>8} {:>8} {:>12} {:>8} {:>9} {:>6} {:>14} {:>9} {:>12}",
         "dtype",
         "N",
         "prefill tok/s",
@@ -659,6 +667,7 @@ fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option
         "decode tok/s",
         "experts",
         "MB/step",
+        "GB/s",
         "roofline tok/s",
         "fraction",
         "peak RSS MB"
@@ -667,7 +676,7 @@ fn print_header(name: &str, cfg: &MoeConfig, args: &BenchArgs, load_peak: Option
 
 fn print_row(r: &Row) {
     println!(
-        "{:>5} {:>5} {:>13.1} {:>7.3}s {:>8.1} {:>7.1}% {:>8.3} {:>12.2} {:>8.2} {:>9.1} {:>14.2} {:>8.1}% {:>12}",
+        "{:>5} {:>5} {:>13.1} {:>7.3}s {:>8.1} {:>7.1}% {:>8.3} {:>12.2} {:>8.2} {:>9.1} {:>6.1} {:>14.2} {:>8.1}% {:>12}",
         r.quant.map_or(r.dtype.as_str(), Quant::name),
         r.concurrency,
         r.prefill_tok_s,
@@ -678,13 +687,14 @@ fn print_row(r: &Row) {
         r.decode_tok_s,
         r.roofline.experts_per_layer,
         r.roofline.bytes_per_step / 1e6,
+        r.bandwidth_gb_s,
         r.roofline_tok_s,
         100.0 * r.decode_tok_s / r.roofline_tok_s,
         r.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0}")),
     );
 }
 
-fn json_line(name: &str, r: &Row, bandwidth: f64, load_peak: Option<f64>) -> serde_json::Value {
+fn json_line(name: &str, r: &Row, load_peak: Option<f64>) -> serde_json::Value {
     serde_json::json!({
         "model": name,
         "dtype": r.dtype.as_str(),
@@ -696,7 +706,7 @@ fn json_line(name: &str, r: &Row, bandwidth: f64, load_peak: Option<f64>) -> ser
         "roofline_tok_s": r.roofline_tok_s,
         "roofline_fraction": r.decode_tok_s / r.roofline_tok_s,
         "peak_rss_mb": r.peak_rss_mb,
-        "bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_gb_s": r.bandwidth_gb_s,
         "prefill_ttft_s": r.prefill_ttft_s,
         "prefill_gflop": r.prefill_flops / 1e9,
         "prefill_gflop_s": r.prefill_gflop_s(),
