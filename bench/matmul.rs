@@ -88,7 +88,7 @@ fn main() -> candle_core::Result<()> {
             .iter()
             .map(|q| QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(&dev)?, dtype)?))
             .collect::<candle_core::Result<_>>()?;
-        for m in [1usize, 2, 4, 8, 16] {
+        for m in [1usize, 2, 4, 8, 16, 64] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let mut i = 0;
             let candle = time(20, || {

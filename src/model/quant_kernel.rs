@@ -13,7 +13,7 @@
 //! weights'): a 16-bit q4k kernel here matched them on one sequence but was 1.5x slower at 16
 //! and could not use their integer prefill (bench/NOTES.md).
 
-use super::small_matmul::{has_simd, products, MAX_ROWS};
+use super::small_matmul::{has_simd, products};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Result, Tensor};
 use half::f16;
@@ -178,11 +178,16 @@ impl Rows16 {
     }
 }
 
+/// Rows per pass of the kernels over the weights: their 16-bit activations (128 x 2 KB for a
+/// 1,024-wide input) stay in L2 while every weight tile is multiplied by all of them.
+const CHUNK_ROWS: usize = 128;
+
 /// `xs @ W^T` for GGML-quantized weights on the CPU, activations kept to 16 bits (see the
-/// module's comment). Decode-sized batches run the integer kernels on the blocks; larger
-/// ones multiply by the dequantized weight, which for hundreds of rows costs little next to
-/// the product. `None` for formats or CPUs without a kernel here (the caller then uses
-/// candle's quantized matmul).
+/// module's comment). Every batch size runs the integer kernels, prefill chunks in passes of
+/// [`CHUNK_ROWS`]: candle dequantizes a whole weight on one thread, which cost more than the
+/// kernels' own product up to hundreds of rows (q8_0 3584 x 1024: 64 rows 4.2 ms that way,
+/// 1.8 ms here), and so a row's result is the same in any batch, prefill included. `None` for
+/// formats or CPUs without a kernel here (the caller then uses candle's quantized matmul).
 pub fn quantized_matmul_t(xs: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
     if !xs.device().is_cpu() || !has_simd() || xs.rank() != 2 {
         return Ok(None);
@@ -201,9 +206,6 @@ fn quantized<B: Block>(xs: &Tensor, q: &QTensor) -> Result<Tensor> {
         bail!("quantized matmul: x is [{m}, {k}] but the weight is [{n}, {wk}]");
     }
     let xs = xs.to_dtype(DType::F32)?;
-    if m > MAX_ROWS {
-        return xs.matmul(&q.dequantize(xs.device())?.t()?);
-    }
     let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
     let data = q.data()?;
     let w = as_blocks::<B>(&data)?;
@@ -213,7 +215,10 @@ fn quantized<B: Block>(xs: &Tensor, q: &QTensor) -> Result<Tensor> {
             w.len()
         );
     }
-    let out = matmul_blocks(&x, m, w, n, k);
+    let mut out = Vec::with_capacity(m * n);
+    for rows in x.chunks(CHUNK_ROWS * k.max(1)) {
+        out.extend(matmul_blocks(rows, rows.len() / k.max(1), w, n, k));
+    }
     Tensor::from_vec(out, (m, n), xs.device())
 }
 
@@ -502,7 +507,7 @@ mod tests {
         for dtype in FORMATS {
             let q = QTensor::quantize(&w, dtype)?;
             let deq = q.dequantize(&dev)?;
-            for m in [1, 2, 3, 4, 5, 6, 7, 9, 32, 40] {
+            for m in [1, 2, 3, 4, 5, 6, 7, 9, 32, 40, 130] {
                 let x = Tensor::from_vec(data(m * k, m as u32), (m, k), &dev)?;
                 let want = x.matmul(&deq.t()?)?;
                 let got = quantized_matmul_t(&x, &q)?.expect("a kernel for each format");
@@ -568,14 +573,15 @@ mod tests {
             return Ok(());
         }
         let dev = Device::Cpu;
-        let (m, n, k) = (7, 40, 256);
+        // More rows than one pass of the kernels takes, as in a prefill chunk.
+        let (m, n, k) = (CHUNK_ROWS + 9, 40, 256);
         let x = Tensor::from_vec(data(m * k, 5), (m, k), &dev)?;
         let w = Tensor::from_vec(data(n * k, 6), (n, k), &dev)?;
         for dtype in FORMATS {
             let q = QTensor::quantize(&w, dtype)?;
             let batched = quantized_matmul_t(&x, &q)?.expect("a kernel");
             let batched: Vec<Vec<f32>> = batched.to_vec2()?;
-            for (i, row) in batched.iter().enumerate() {
+            for (i, row) in batched.iter().enumerate().step_by(11) {
                 let alone = quantized_matmul_t(&x.narrow(0, i, 1)?, &q)?.expect("a kernel");
                 assert_eq!(&alone.to_vec2::<f32>()?[0], row, "{dtype:?} row {i}");
             }
