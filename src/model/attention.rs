@@ -1,6 +1,7 @@
 //! GQA attention over the paged KV cache, causal within a prefill chunk.
 
 use super::batch::PreparedBatch;
+use super::decode_attention::{self, Heads, Query};
 use super::kv_cache::KvCache;
 use super::layers::{softmax_f32, Linear, RotaryEmbedding};
 use candle_core::{DType, Result, Tensor};
@@ -80,10 +81,48 @@ impl Attention {
 
         let groups = self.num_heads / self.num_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q_dim = self.num_heads * self.head_dim;
+        // Single-token queries read the cache in place (see `decode_attention.rs`).
+        let mut decoded = if decode_attention::supports(k_cache) {
+            let queries: Vec<Query> = batch
+                .seqs
+                .iter()
+                .filter(|s| s.len == 1)
+                .map(|s| Query {
+                    row: s.start,
+                    slots: &s.ctx,
+                })
+                .collect();
+            if queries.is_empty() {
+                Vec::new()
+            } else {
+                let qf: Vec<f32> = q
+                    .reshape((n, q_dim))?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let heads = Heads {
+                    num_heads: self.num_heads,
+                    num_kv_heads: self.num_kv_heads,
+                    head_dim: self.head_dim,
+                    scale: scale as f32,
+                };
+                decode_attention::attend(&qf, k_cache, v_cache, &queries, heads)?
+            }
+        } else {
+            Vec::new()
+        }
+        .into_iter();
         let mut outs = Vec::with_capacity(batch.seqs.len());
         for seq in &batch.seqs {
             let t = seq.len;
             let c = seq.keys;
+            if t == 1 {
+                if let Some(out) = decoded.next() {
+                    outs.push(Tensor::from_vec(out, (1, q_dim), q.device())?.to_dtype(q.dtype())?);
+                    continue;
+                }
+            }
             // [t, heads, hd] → [kv_heads, groups * t, hd]: heads h = kv * groups + g share kv.
             let q_s = q
                 .narrow(0, seq.start, t)?

@@ -62,6 +62,8 @@ pub(crate) struct PreparedSeq {
     pub keys: usize,
     /// `[keys]` u32: the cache slots of positions `context_len - keys..context_len`.
     pub ctx_slots: Tensor,
+    /// The same slots, on the host (single-token attention reads the cache with them).
+    pub ctx: Vec<u32>,
     /// `[len, keys]` f32 additive mask (causal, and the sliding window); `None` for a single
     /// query token, which sees every gathered key.
     pub mask: Option<Tensor>,
@@ -177,7 +179,8 @@ impl PreparedBatch {
                 start: s.start,
                 len: s.len,
                 keys,
-                ctx_slots: Tensor::from_vec(ctx, keys, device)?,
+                ctx_slots: Tensor::from_vec(ctx.clone(), keys, device)?,
+                ctx,
                 mask,
             });
             covered += s.len;
