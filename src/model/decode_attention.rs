@@ -169,3 +169,106 @@ fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
         .sum();
     acc.iter().sum::<f32>() + tail
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Softmax(q k^T * scale) v per query head, in f64, from the same cache rows.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], row: usize, slots: &[u32], h: Heads) -> Vec<f32> {
+        let (hd, groups) = (h.head_dim, h.num_heads / h.num_kv_heads);
+        let (q_dim, kv_dim) = (h.num_heads * hd, h.num_kv_heads * hd);
+        let mut out = vec![0f32; q_dim];
+        for head in 0..h.num_heads {
+            let kh = head / groups;
+            let qv = &q[row * q_dim + head * hd..][..hd];
+            let scores: Vec<f64> = slots
+                .iter()
+                .map(|&s| {
+                    let kv = &k[s as usize * kv_dim + kh * hd..][..hd];
+                    qv.iter().zip(kv).map(|(a, b)| (a * b) as f64).sum::<f64>() * h.scale as f64
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for d in 0..hd {
+                let acc: f64 = slots
+                    .iter()
+                    .zip(&e)
+                    .map(|(&s, p)| p / sum * v[s as usize * kv_dim + kh * hd + d] as f64)
+                    .sum();
+                out[head * hd + d] = acc as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_a_naive_computation_for_gqa_and_each_cache_dtype() -> Result<()> {
+        let h = Heads {
+            num_heads: 6,
+            num_kv_heads: 3,
+            head_dim: 20,
+            scale: 1.0 / (20f32).sqrt(),
+        };
+        let (n, slots) = (4, 50);
+        let kv_dim = h.num_kv_heads * h.head_dim;
+        let q = data(n * h.num_heads * h.head_dim, 1);
+        let k = data(slots * kv_dim, 2);
+        let v = data(slots * kv_dim, 3);
+        // Scattered, out-of-order slots, as block tables give them.
+        let a: Vec<u32> = vec![7, 3, 49, 20, 21, 22, 0];
+        let b: Vec<u32> = (10..40).rev().collect();
+        let queries = [Query { row: 1, slots: &a }, Query { row: 3, slots: &b }];
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let kt = Tensor::from_vec(k.clone(), (slots, kv_dim), &dev)?.to_dtype(dtype)?;
+            let vt = Tensor::from_vec(v.clone(), (slots, kv_dim), &dev)?.to_dtype(dtype)?;
+            // The reference reads the same rounded values.
+            let kr: Vec<f32> = kt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let vr: Vec<f32> = vt.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            assert!(supports(&kt));
+            let got = attend(&q, &kt, &vt, &queries, h)?;
+            for (out, query) in got.iter().zip(&queries) {
+                let want = naive(&q, &kr, &vr, query.row, query.slots, h);
+                for (g, e) in out.iter().zip(&want) {
+                    assert!((g - e).abs() < 1e-5, "{dtype:?}: {g} vs {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn slots_outside_the_cache_are_an_error() -> Result<()> {
+        let h = Heads {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 8,
+            scale: 0.5,
+        };
+        let dev = Device::Cpu;
+        let cache = Tensor::zeros((4, 8), DType::F32, &dev)?;
+        let q = vec![0f32; 16];
+        let bad = [Query {
+            row: 0,
+            slots: &[1, 4],
+        }];
+        assert!(attend(&q, &cache, &cache, &bad, h).is_err());
+        Ok(())
+    }
+}
