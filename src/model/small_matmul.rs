@@ -235,7 +235,7 @@ pub(super) fn products<X: Sync, W: Sync>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(super) mod avx512;
 
 /// Plain Rust, for CPUs without AVX2 (the compiler vectorises the 8-lane accumulators).
 mod portable {

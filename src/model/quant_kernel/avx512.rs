@@ -4,7 +4,7 @@
 //! rows share each weight. Same arithmetic (exact i32 block sums, one f32 scale per block and
 //! row), chosen at run time for every product on CPUs with AVX-512F and BW.
 
-use super::super::small_matmul::TILE_COLS;
+use super::super::small_matmul::{avx512::store_sums, TILE_COLS};
 use super::{Block, BlockQ4_0, BlockQ8_0, Row16};
 use std::arch::x86_64::*;
 
@@ -175,9 +175,12 @@ unsafe fn block<B: Dot512, const R: usize, const C: usize>(
             B::dot(b, &x, bi * B::PER, &mut acc[c]);
         }
     }
-    for (c, acc) in acc.iter().enumerate() {
-        for (r, a) in acc.iter().enumerate() {
-            out[(i + r) * stride + j + c] = _mm512_reduce_add_ps(*a);
+    for r in 0..R {
+        let mut row = [_mm512_setzero_ps(); C];
+        for (v, acc) in row.iter_mut().zip(&acc) {
+            *v = acc[r];
         }
+        let at = (i + r) * stride + j;
+        store_sums(&row, &mut out[at..at + C]);
     }
 }
