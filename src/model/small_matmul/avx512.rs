@@ -61,6 +61,9 @@ pub fn tile<W: Lanes16>(xs: &[&[f32]], ws: &[&[W]], out: &mut [f32]) {
     unsafe {
         groups::<W, 4, 4>(xs, ws, k16, out);
     }
+    if k16 == k {
+        return;
+    }
     for (i, x) in xs.iter().enumerate() {
         for (ci, w) in ws.iter().enumerate() {
             let tail: f32 = (k16..k).map(|q| x[q] * W::get(w, q)).sum();
