@@ -4,6 +4,7 @@
 use super::layers::{softmax_f32, swiglu, Linear};
 use crate::config::{Activation, RouterNorm};
 use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One expert's SwiGLU FFN: `(act(x Wg^T) * (x Wu^T)) @ down`.
@@ -117,20 +118,26 @@ impl MoeBlock {
             }
         }
         let device = xs.device();
-        let mut all_rows = Vec::with_capacity(n * self.top_k);
-        let mut all_out = Vec::with_capacity(num_experts);
-        for (e, expert) in self.experts.iter().enumerate() {
+        let active: Vec<usize> = (0..num_experts).filter(|&e| !rows[e].is_empty()).collect();
+        // The active experts run side by side: a large expert's products split across the
+        // pool anyway, but small ones (a few rows, a narrow FFN) run on one thread each and
+        // would otherwise leave the other cores idle for the whole MoE block.
+        let run = |&e: &usize| -> Result<Tensor> {
             let count = rows[e].len();
-            if count == 0 {
-                continue;
-            }
-            self.expert_tokens[e].fetch_add(count as u64, Ordering::Relaxed);
             let idx = Tensor::from_slice(&rows[e], count, device)?;
             let w = Tensor::from_slice(&row_weights[e], (count, 1), device)?;
             let x_e = xs.index_select(&idx, 0)?;
-            let y = expert.forward(&x_e, self.act)?.broadcast_mul(&w)?;
+            self.experts[e].forward(&x_e, self.act)?.broadcast_mul(&w)
+        };
+        let all_out: Vec<Tensor> = if device.is_cpu() {
+            active.par_iter().map(run).collect::<Result<_>>()?
+        } else {
+            active.iter().map(run).collect::<Result<_>>()?
+        };
+        let mut all_rows = Vec::with_capacity(n * self.top_k);
+        for &e in &active {
+            self.expert_tokens[e].fetch_add(rows[e].len() as u64, Ordering::Relaxed);
             all_rows.extend_from_slice(&rows[e]);
-            all_out.push(y);
         }
         let idx = Tensor::from_vec(all_rows, n * self.top_k, device)?;
         let ys = Tensor::cat(&all_out, 0)?;
