@@ -173,19 +173,8 @@ fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_data::data;
     use candle_core::{DType, Device};
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Softmax(q k^T * scale) v per query head, in f64, from the same cache rows.
     fn naive(q: &[f32], k: &[f32], v: &[f32], row: usize, slots: &[u32], h: Heads) -> Vec<f32> {

@@ -12,6 +12,8 @@ pub mod moe;
 mod quant;
 pub mod quant_kernel;
 pub mod small_matmul;
+#[cfg(test)]
+mod test_data;
 
 pub use batch::{Batch, SeqInput};
 pub use kv_cache::{KvCache, DEFAULT_BLOCK_SIZE};

@@ -445,6 +445,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_data::data;
     use candle_core::Device;
 
     fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -455,19 +456,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        // A small deterministic generator: values in [-1, 1).
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]
