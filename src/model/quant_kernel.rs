@@ -249,31 +249,37 @@ fn scalar_tile<B: Block>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
+/// Pointers to the 16-bit values and block scales of `R` activation rows, for the kernels.
+#[cfg(target_arch = "x86_64")]
+struct Xs<const R: usize> {
+    q: [*const i16; R],
+    d: [*const f32; R],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const R: usize> Xs<R> {
+    /// The first `R` of `rows`.
+    fn new(rows: &[Row16<'_>]) -> Self {
+        let mut x = Self {
+            q: [std::ptr::null(); R],
+            d: [std::ptr::null(); R],
+        };
+        for (r, row) in rows.iter().take(R).enumerate() {
+            x.q[r] = row.q.as_ptr();
+            x.d[r] = row.d.as_ptr();
+        }
+        x
+    }
+}
+
 /// AVX2 kernels: per row and block, an exact i32 dot product of 16-bit weights and
 /// activations, converted once and scaled into an 8-lane f32 accumulator.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::small_matmul::{avx2::hsum, prefetch_lines};
     use super::super::small_matmul::{TILE_COLS, TILE_ROWS};
-    use super::{Block, BlockQ4_0, BlockQ8_0, Row16};
+    use super::{Block, BlockQ4_0, BlockQ8_0, Row16, Xs};
     use std::arch::x86_64::*;
-
-    /// Prefetches the cache lines of `bytes` bytes from `p`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn prefetch(p: *const u8, bytes: usize) {
-        let mut off = 0;
-        while off < bytes {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
-            off += 64;
-        }
-    }
-
-    /// Pointers to the start of `R` activation rows.
-    #[derive(Clone, Copy)]
-    pub struct Xs<const R: usize> {
-        q: [*const i16; R],
-        d: [*const f32; R],
-    }
 
     pub trait Dot: Block {
         /// Adds block `b`'s products with the `R` rows (from weight index `p`) to `acc`.
@@ -405,14 +411,7 @@ mod avx2 {
         j: usize,
         stride: usize,
     ) {
-        let mut x = Xs {
-            q: [std::ptr::null(); R],
-            d: [std::ptr::null(); R],
-        };
-        for (r, row) in xs.iter().take(R).enumerate() {
-            x.q[r] = row.q.as_ptr();
-            x.d[r] = row.d.as_ptr();
-        }
+        let x = Xs::<R>::new(xs);
         let mut wp = [std::ptr::null::<B>(); C];
         for (p, w) in wp.iter_mut().zip(ws) {
             *p = w.as_ptr();
@@ -425,7 +424,7 @@ mod avx2 {
         for bi in 0..nb {
             for c in 0..C {
                 let b = wp[c].add(bi);
-                prefetch(b.wrapping_add(ahead) as *const u8, std::mem::size_of::<B>());
+                prefetch_lines(b.wrapping_add(ahead) as *const u8, std::mem::size_of::<B>());
                 B::dot(b, &x, bi * B::PER, &mut acc[c]);
             }
         }
@@ -434,15 +433,6 @@ mod avx2 {
                 out[(i + r) * stride + j + c] = hsum(*a);
             }
         }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
     }
 }
 

@@ -237,6 +237,20 @@ pub(super) fn products<X: Sync, W: Sync>(
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx512;
 
+/// Prefetches into L1 the cache lines of `bytes` bytes from `p`. A hint only: the address
+/// need not be valid (the kernels prefetch the next tile's rows, which may lie past the end).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch_lines(p: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut off = 0;
+    while off < bytes {
+        // SAFETY: a prefetch never faults, whatever the address (SSE, always on x86_64).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+        off += 64;
+    }
+}
+
 /// Plain Rust, for CPUs without AVX2 (the compiler vectorises the 8-lane accumulators).
 mod portable {
     use super::WeightElem;
@@ -267,8 +281,8 @@ mod portable {
 /// AVX2 + FMA kernels. Every product is one 8-lane FMA chain over `k` in order, summed
 /// across lanes the same way, whatever the tile shape: results do not depend on `m`.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{WeightElem, TILE_COLS, TILE_ROWS};
+pub(super) mod avx2 {
+    use super::{prefetch_lines, WeightElem, TILE_COLS, TILE_ROWS};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -410,11 +424,7 @@ mod avx2 {
         while p < k32 {
             for c in 0..C {
                 let next = wp[c].wrapping_add(ahead + p) as *const u8;
-                let mut off = 0;
-                while off < 32 * std::mem::size_of::<W>() {
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off) as *const i8);
-                    off += 64;
-                }
+                prefetch_lines(next, 32 * std::mem::size_of::<W>());
                 let wv = W::load32(wp[c], p);
                 for (g, w) in wv.iter().enumerate() {
                     for r in 0..R {
@@ -432,9 +442,10 @@ mod avx2 {
         }
     }
 
+    /// The sum of a vector's 8 lanes, always by the same tree.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));

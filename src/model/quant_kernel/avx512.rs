@@ -4,8 +4,8 @@
 //! rows share each weight. Same arithmetic (exact i32 block sums, one f32 scale per block and
 //! row), chosen at run time for every product on CPUs with AVX-512F and BW.
 
-use super::super::small_matmul::{avx512::store_sums, TILE_COLS};
-use super::{Block, BlockQ4_0, BlockQ8_0, Row16};
+use super::super::small_matmul::{avx512::store_sums, prefetch_lines, TILE_COLS};
+use super::{Block, BlockQ4_0, BlockQ8_0, Row16, Xs};
 use std::arch::x86_64::*;
 
 pub fn available() -> bool {
@@ -14,12 +14,6 @@ pub fn available() -> bool {
         && std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
-}
-
-/// Pointers to the start of `R` activation rows.
-pub struct Xs<const R: usize> {
-    q: [*const i16; R],
-    d: [*const f32; R],
 }
 
 pub trait Dot512: Block {
@@ -147,14 +141,7 @@ unsafe fn block<B: Dot512, const R: usize, const C: usize>(
     j: usize,
     stride: usize,
 ) {
-    let mut x = Xs {
-        q: [std::ptr::null(); R],
-        d: [std::ptr::null(); R],
-    };
-    for (r, row) in xs.iter().take(R).enumerate() {
-        x.q[r] = row.q.as_ptr();
-        x.d[r] = row.d.as_ptr();
-    }
+    let x = Xs::<R>::new(xs);
     let mut wp = [std::ptr::null::<B>(); C];
     for (p, w) in wp.iter_mut().zip(ws) {
         *p = w.as_ptr();
@@ -166,12 +153,7 @@ unsafe fn block<B: Dot512, const R: usize, const C: usize>(
     for bi in 0..nb {
         for c in 0..C {
             let b = wp[c].add(bi);
-            let next = b.wrapping_add(ahead) as *const u8;
-            let mut off = 0;
-            while off < std::mem::size_of::<B>() {
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off) as *const i8);
-                off += 64;
-            }
+            prefetch_lines(b.wrapping_add(ahead) as *const u8, std::mem::size_of::<B>());
             B::dot(b, &x, bi * B::PER, &mut acc[c]);
         }
     }

@@ -6,7 +6,7 @@
 //! Chosen at run time for every product when the CPU has AVX-512F, so a row's result is
 //! still the same alone or batched on a given machine.
 
-use super::{WeightElem, TILE_COLS};
+use super::{prefetch_lines, WeightElem, TILE_COLS};
 use half::{bf16, f16};
 use std::arch::x86_64::*;
 
@@ -160,7 +160,7 @@ unsafe fn block<W: Lanes16, const R: usize, const C: usize>(
     while p < k16 {
         if p % line == 0 {
             for w in wp {
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead + p) as *const i8);
+                prefetch_lines(w.wrapping_add(ahead + p) as *const u8, 64);
             }
         }
         let mut wv = [_mm512_setzero_ps(); C];
