@@ -6,7 +6,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
-use mixserve::model::quant_kernel::quantized_matmul_t;
+use mixserve::model::quant_kernel::{q4k, quantized_matmul_t, CHUNK_ROWS};
 use mixserve::model::small_matmul::small_matmul_t;
 use std::time::Instant;
 
@@ -95,10 +95,23 @@ fn main() -> candle_core::Result<()> {
                 i = (i + 1) % mms.len();
                 mms[i].forward(&x)
             })?;
-            let ours = time(20, || {
-                i = (i + 1) % qs.len();
-                Ok(quantized_matmul_t(&x, &qs[i])?.unwrap_or(x.clone()))
-            })?;
+            let ours = if dtype == GgmlDType::Q4K && q4k::available() {
+                let packed: Vec<q4k::PackedQ4K> = qs
+                    .iter()
+                    .map(|q| q4k::PackedQ4K::new(&q.data()?, n, k))
+                    .collect::<candle_core::Result<_>>()?;
+                let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                time(20, || {
+                    i = (i + 1) % packed.len();
+                    let y = packed[i].matmul(&xv, m, CHUNK_ROWS);
+                    Tensor::from_vec(y, (m, n), &dev)
+                })?
+            } else {
+                time(20, || {
+                    i = (i + 1) % qs.len();
+                    Ok(quantized_matmul_t(&x, &qs[i])?.unwrap_or(x.clone()))
+                })?
+            };
             let bytes = qs[0].storage_size_in_bytes() as f64;
             println!(
                 "{:>6} {m:>5} {n:>6} {k:>6} {:>10.3} {:>9.1} {:>9.1} {:>10.3} {:>9.1} {:>9.1}",

@@ -45,13 +45,28 @@ impl Norm {
 /// as loaded or quantized (see `quant.rs`).
 pub enum Linear {
     Dense(Tensor),
-    Quantized { q: Arc<QTensor>, mm: QMatMul },
+    Quantized {
+        q: Arc<QTensor>,
+        mm: QMatMul,
+    },
+    /// q4k repacked for the CPU's VNNI kernel (candle's copy dropped).
+    #[cfg(target_arch = "x86_64")]
+    PackedQ4K(quant_kernel::q4k::PackedQ4K),
 }
 
 impl Linear {
     /// Quantized weights: the small-batch kernels on the CPU, candle's quantized matmul
     /// elsewhere.
     pub fn quantized(q: QTensor) -> Result<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if q.device().is_cpu()
+            && q.dtype() == candle_core::quantized::GgmlDType::Q4K
+            && quant_kernel::q4k::available()
+        {
+            let (n, k) = q.shape().dims2()?;
+            let packed = quant_kernel::q4k::PackedQ4K::new(&q.data()?, n, k)?;
+            return Ok(Self::PackedQ4K(packed));
+        }
         let q = Arc::new(q);
         let mm = QMatMul::from_arc(q.clone())?;
         Ok(Self::Quantized { q, mm })
@@ -67,6 +82,8 @@ impl Linear {
         match self {
             Self::Dense(w) => w.dtype(),
             Self::Quantized { .. } => DType::F32,
+            #[cfg(target_arch = "x86_64")]
+            Self::PackedQ4K(_) => DType::F32,
         }
     }
 
@@ -85,6 +102,26 @@ impl Linear {
                     None => mm.forward(&x)?,
                 };
                 y.to_dtype(xs.dtype())
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::PackedQ4K(w) => {
+                let dims = xs.dims();
+                let k = dims.last().copied().unwrap_or(0);
+                if k != w.cols() {
+                    candle_core::bail!(
+                        "q4k matmul: input width {k}, weight [{}, {}]",
+                        w.rows(),
+                        w.cols()
+                    );
+                }
+                let m = xs.elem_count() / k.max(1);
+                let x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let y = w.matmul(&x, m, quant_kernel::CHUNK_ROWS);
+                let mut shape = dims.to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = w.rows();
+                }
+                Tensor::from_vec(y, shape, xs.device())?.to_dtype(xs.dtype())
             }
         }
     }

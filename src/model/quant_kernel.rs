@@ -47,8 +47,19 @@ fn f16_le(d: [u8; 2]) -> f32 {
 /// rows into `out[i * c + ci]`.
 pub type TileFn<B> = fn(&[Row16<'_>], &[&[B]], &mut [f32]);
 
-/// A GGML block type the integer kernels read.
-pub trait Block: Copy + Send + Sync + 'static {
+/// A GGML block as stored: `repr(C)` byte arrays only, so any bytes are a valid value.
+///
+/// # Safety
+/// Implementors have alignment 1 and no invalid bit patterns.
+pub unsafe trait RawBlock: Copy + Send + Sync + 'static {}
+
+// SAFETY: `repr(C)` structs of byte arrays.
+unsafe impl RawBlock for BlockQ8_0 {}
+// SAFETY: as above.
+unsafe impl RawBlock for BlockQ4_0 {}
+
+/// A GGML block type the 16-bit integer kernels read.
+pub trait Block: RawBlock {
     /// Weights per block.
     const PER: usize;
     /// The weight at index `i` of a block, as f32 (for tests and the scalar kernel).
@@ -92,13 +103,12 @@ impl Block for BlockQ4_0 {
 }
 
 /// Reads GGML block bytes (candle's `QTensor::data`) as blocks of `B`.
-pub fn as_blocks<B: Block>(bytes: &[u8]) -> Result<&[B]> {
+pub fn as_blocks<B: RawBlock>(bytes: &[u8]) -> Result<&[B]> {
     let size = std::mem::size_of::<B>();
     if !bytes.len().is_multiple_of(size) {
         bail!("{} bytes are not whole blocks of {size}", bytes.len());
     }
-    // SAFETY: the block types are `repr(C)` byte arrays (alignment 1, no invalid values),
-    // and the length was checked to be a whole number of blocks.
+    // SAFETY: `RawBlock`s have alignment 1 and no invalid values, and the length was checked to be a whole number of blocks.
     Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, bytes.len() / size) })
 }
 
@@ -180,7 +190,7 @@ impl Rows16 {
 
 /// Rows per pass of the kernels over the weights: their 16-bit activations (128 x 2 KB for a
 /// 1,024-wide input) stay in L2 while every weight tile is multiplied by all of them.
-const CHUNK_ROWS: usize = 128;
+pub const CHUNK_ROWS: usize = 128;
 
 /// `xs @ W^T` for GGML-quantized weights on the CPU, activations kept to 16 bits (see the
 /// module's comment). Every batch size runs the integer kernels, prefill chunks in passes of
@@ -248,6 +258,8 @@ fn scalar_tile<B: Block>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod q4k;
 
 /// Pointers to the 16-bit values and block scales of `R` activation rows, for the kernels.
 #[cfg(target_arch = "x86_64")]

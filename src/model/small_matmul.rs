@@ -164,7 +164,7 @@ pub(super) const TILE_ROWS: usize = 4;
 pub(super) const TILE_COLS: usize = 8;
 
 /// The least work worth handing to another thread.
-const MIN_WEIGHTS_PER_TASK: usize = 64 * 1024;
+pub(super) const MIN_WEIGHTS_PER_TASK: usize = 64 * 1024;
 
 /// `x [m, k] @ W^T` for `W` given as `n` rows of `k` weights: `[m, n]` row-major.
 pub fn matmul_rows<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usize) -> Vec<f32> {
@@ -173,7 +173,7 @@ pub fn matmul_rows<W: WeightElem>(x: &[f32], m: usize, w: &[W], n: usize, k: usi
 }
 
 /// The output matrix, shared by the tasks that fill disjoint column ranges of it.
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 // SAFETY: tasks write disjoint columns (see `products`), and the buffer outlives them.
 unsafe impl Sync for SharedOut {}
 

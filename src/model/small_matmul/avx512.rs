@@ -203,7 +203,7 @@ pub(crate) unsafe fn store_sums(accs: &[__m512], out: &mut [f32]) {
 /// The sum of one accumulator's 16 lanes.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn sum1(a: __m512) -> f32 {
+pub(crate) unsafe fn sum1(a: __m512) -> f32 {
     let lo = _mm512_castps512_ps256(a);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
     let s8 = _mm256_add_ps(lo, hi);

@@ -1,0 +1,539 @@
+//! q4k (GGML's Q4_K) weights repacked for AVX-512 VNNI, and their products.
+//!
+//! candle's q4k kernel reached 47% of the memory roofline for one sequence, and ran on a
+//! spinning thread pool of its own beside ours (its spin-waits were ~20% of a decode profile
+//! on 2 cores). A kernel reading candle's layout as is needs 8 multiplies per row and block
+//! to apply the 8 sub-block scales to lanes that each hold a piece of one sub-block, which
+//! made it slower than candle's. So the weights are repacked on load, as llama.cpp repacks
+//! them: 16 rows interleaved 4 bytes at a time, so each lane of a `vpdpbusd` accumulator is
+//! one row's whole sub-block, and one multiply applies that sub-block's 16 scales. The
+//! arithmetic is GGML's: activations rounded to 8 bits per 256 values (`q8_K`, an error small
+//! next to the 4-bit weights'), exact integer sums per super-block, the mins folded in through
+//! each activation sub-block's sum. Lanes are output columns, so no horizontal sum: a row's
+//! result is the same instruction sequence whatever its batch.
+
+use super::super::small_matmul::{SharedOut, MIN_WEIGHTS_PER_TASK};
+use super::RawBlock;
+use candle_core::{bail, Result};
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+
+/// Weights per super-block.
+pub const QK_K: usize = 256;
+/// Weight rows interleaved in one [`Group`].
+const LANES: usize = 16;
+
+/// GGML's Q4_K super-block, as candle stores it: weight `l` of sub-block `j` (32 each) is
+/// `d * scale_j * q - dmin * min_j` with `q` in 0..16.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ4K {
+    d: [u8; 2],
+    dmin: [u8; 2],
+    /// Eight 6-bit scales and eight 6-bit mins, packed as [`BlockQ4K::scales_mins`] reads.
+    scales: [u8; 12],
+    /// Bytes `32c..32c + 32`: low nibbles are sub-block `2c`, high nibbles sub-block `2c + 1`.
+    qs: [u8; 128],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+
+// SAFETY: a `repr(C)` struct of byte arrays.
+unsafe impl RawBlock for BlockQ4K {}
+
+impl BlockQ4K {
+    /// The eight sub-block scales, then the eight mins (GGML's `get_scale_min_k4`).
+    fn scales_mins(&self) -> [u8; 16] {
+        let s = &self.scales;
+        let mut out = [0u8; 16];
+        for j in 0..8 {
+            let (sc, m) = if j < 4 {
+                (s[j] & 63, s[j + 4] & 63)
+            } else {
+                (
+                    (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+                    (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+                )
+            };
+            out[j] = sc;
+            out[8 + j] = m;
+        }
+        out
+    }
+
+    /// Weight `i` (0..256) as f32, for tests.
+    #[cfg(test)]
+    pub fn weight(&self, i: usize) -> f32 {
+        let sm = self.scales_mins();
+        let (j, l) = (i / 32, i % 32);
+        let byte = self.qs[32 * (j / 2) + l];
+        let q = if j % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+        let d = half::f16::from_le_bytes(self.d).to_f32();
+        let dmin = half::f16::from_le_bytes(self.dmin).to_f32();
+        d * sm[j] as f32 * q as f32 - dmin * sm[8 + j] as f32
+    }
+}
+
+/// One super-block (256 inputs) of 16 weight rows, interleaved for the kernel.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Group {
+    /// `[pair p][group g]`: for each of the 16 rows, bytes `4g..4g + 4` of its `qs` chunk `p`
+    /// (low nibbles sub-block `2p`, high nibbles `2p + 1`).
+    qs: [[u8; 64]; 32],
+    /// `[sub-block][row]`.
+    scales: [[u8; 16]; 8],
+    /// `[pair p][row][2]`: the mins of sub-blocks `2p` and `2p + 1`.
+    mins: [[u8; 32]; 4],
+    /// f16 bits, one per row.
+    d: [u16; 16],
+    dmin: [u16; 16],
+}
+
+const _: () = assert!(std::mem::size_of::<Group>() == 2368);
+
+impl Group {
+    const ZERO: Group = Group {
+        qs: [[0; 64]; 32],
+        scales: [[0; 16]; 8],
+        mins: [[0; 32]; 4],
+        d: [0; 16],
+        dmin: [0; 16],
+    };
+}
+
+/// A q4k weight `[n, k]` repacked: `ceil(n / 16)` groups of rows, each `k / 256` [`Group`]s
+/// (rows past `n` are zero).
+pub struct PackedQ4K {
+    n: usize,
+    k: usize,
+    groups: Vec<Group>,
+}
+
+impl PackedQ4K {
+    /// Repacks candle's q4k bytes (`QTensor::data`) of an `[n, k]` weight.
+    pub fn new(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        let blocks = super::as_blocks::<BlockQ4K>(bytes)?;
+        if !k.is_multiple_of(QK_K) || blocks.len() != n * (k / QK_K) {
+            bail!(
+                "{} q4k blocks do not make a [{n}, {k}] weight",
+                blocks.len()
+            );
+        }
+        let kb = k / QK_K;
+        let mut groups = vec![Group::ZERO; n.div_ceil(LANES) * kb];
+        for (gi, group) in groups.iter_mut().enumerate() {
+            let (g, bi) = (gi / kb, gi % kb);
+            for lane in 0..LANES {
+                let row = g * LANES + lane;
+                if row >= n {
+                    break;
+                }
+                let b = &blocks[row * kb + bi];
+                let sm = b.scales_mins();
+                for (scales, &sc) in group.scales.iter_mut().zip(&sm[..8]) {
+                    scales[lane] = sc;
+                }
+                for p in 0..4 {
+                    group.mins[p][2 * lane] = sm[8 + 2 * p];
+                    group.mins[p][2 * lane + 1] = sm[8 + 2 * p + 1];
+                    for gr in 0..8 {
+                        let src = &b.qs[32 * p + 4 * gr..32 * p + 4 * gr + 4];
+                        group.qs[8 * p + gr][4 * lane..4 * lane + 4].copy_from_slice(src);
+                    }
+                }
+                group.d[lane] = u16::from_le_bytes(b.d);
+                group.dmin[lane] = u16::from_le_bytes(b.dmin);
+            }
+        }
+        Ok(Self { n, k, groups })
+    }
+
+    /// Output width (weight rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input width.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// `x [m, k] @ W^T`: `[m, n]` row-major, in passes of `chunk_rows` activation rows.
+    pub fn matmul(&self, x: &[f32], m: usize, chunk_rows: usize) -> Vec<f32> {
+        assert!(available() && x.len() >= m * self.k);
+        let mut out = vec![0f32; m * self.n];
+        for (pass, rows) in x[..m * self.k]
+            .chunks(chunk_rows.max(1) * self.k.max(1))
+            .enumerate()
+        {
+            let acts = Rows8::new(rows, self.k);
+            let first = pass * chunk_rows.max(1);
+            let n_rows = out.len() / self.n.max(1);
+            self.products(&acts.rows(), &mut out[first * self.n..n_rows * self.n]);
+        }
+        out
+    }
+
+    /// All rows' products into `out` (`[rows, n]`), groups of weight rows shared out to the
+    /// pool in chunks of at least [`MIN_WEIGHTS_PER_TASK`] weights.
+    fn products(&self, xs: &[Row8<'_>], out: &mut [f32]) {
+        let (m, n, kb) = (xs.len(), self.n, self.k / QK_K);
+        let n_groups = n.div_ceil(LANES);
+        if m == 0 || n_groups == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let min_groups = (MIN_WEIGHTS_PER_TASK / (LANES * self.k).max(1)).max(1);
+        let per_task = n_groups.div_ceil(threads * 4).max(min_groups);
+        let shared = SharedOut(out.as_mut_ptr());
+        let run = |task: usize| {
+            let shared = &shared;
+            let mut tile = vec![0f32; m * LANES];
+            for g in task * per_task..((task + 1) * per_task).min(n_groups) {
+                let groups = &self.groups[g * kb..(g + 1) * kb];
+                // SAFETY: `products` is only reached after `available()` was checked.
+                unsafe { tile_rows(xs, groups, &mut tile) };
+                let (j, c) = (g * LANES, LANES.min(n - g * LANES));
+                for i in 0..m {
+                    // SAFETY: row i, columns j..j + c: inside `out`, and this task's alone.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            tile[i * LANES..].as_ptr(),
+                            shared.0.add(i * n + j),
+                            c,
+                        )
+                    };
+                }
+            }
+        };
+        let tasks = n_groups.div_ceil(per_task);
+        if tasks == 1 {
+            run(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
+        }
+    }
+}
+
+/// Activations rounded to 8 bits per super-block of 256 (GGML's `q8_K`).
+pub struct Rows8 {
+    k: usize,
+    /// `[m, k]`.
+    q: Vec<i8>,
+    /// `[m, k / 256]`: value = q * d.
+    d: Vec<f32>,
+    /// `[m, k / 32]`: each sub-block's sum of q (for the mins).
+    sums: Vec<i16>,
+}
+
+/// One row of [`Rows8`].
+#[derive(Clone, Copy)]
+pub struct Row8<'a> {
+    q: &'a [i8],
+    d: &'a [f32],
+    sums: &'a [i16],
+}
+
+impl Rows8 {
+    /// `x`: `[m, k]` row-major, `k` a multiple of 256.
+    pub fn new(x: &[f32], k: usize) -> Self {
+        let blocks = x.len() / QK_K;
+        let mut rows = Self {
+            k,
+            q: vec![0; blocks * QK_K],
+            d: vec![0.0; blocks],
+            sums: vec![0; blocks * 8],
+        };
+        // SAFETY: `available()` (checked by every caller) implies AVX2 and FMA.
+        unsafe { rows.fill_avx2(x) };
+        rows
+    }
+
+    /// Compiled for AVX2, where rounding is one instruction (a libm call per value without).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fill_avx2(&mut self, x: &[f32]) {
+        let blocks = x.chunks_exact(QK_K).zip(self.q.chunks_exact_mut(QK_K));
+        let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(8));
+        for ((block, q), (d, sums)) in blocks.zip(rest) {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let (scale, inv) = if !block.iter().all(|v| v.is_finite()) {
+                // Non-finite activations make the scale NaN, so the output says so.
+                (f32::NAN, 0.0)
+            } else if scale > 0.0 && (1.0 / scale).is_finite() {
+                (scale, 1.0 / scale)
+            } else {
+                (0.0, 0.0)
+            };
+            for (q, v) in q.iter_mut().zip(block) {
+                *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+            }
+            for (sum, q) in sums.iter_mut().zip(q.chunks_exact(32)) {
+                *sum = q.iter().map(|&v| v as i16).sum();
+            }
+            *d = scale;
+        }
+    }
+
+    pub fn rows(&self) -> Vec<Row8<'_>> {
+        let (kb, ks) = (self.k / QK_K, self.k / 32);
+        (0..self.q.len() / self.k.max(1))
+            .map(|i| Row8 {
+                q: &self.q[i * self.k..(i + 1) * self.k],
+                d: &self.d[i * kb..(i + 1) * kb],
+                sums: &self.sums[i * ks..(i + 1) * ks],
+            })
+            .collect()
+    }
+}
+
+/// Whether the CPU runs these kernels (AVX-512 F, BW and VNNI).
+pub fn available() -> bool {
+    super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
+}
+
+/// One group of 16 weight rows (its `kb` super-blocks) against every activation row:
+/// `out[i * 16 + lane]`. Rows 4 at a time, so each weight vector unpacked serves 4.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI; every row holds `kb` super-blocks.
+unsafe fn tile_rows(xs: &[Row8<'_>], groups: &[Group], out: &mut [f32]) {
+    let kb = groups.len();
+    assert!(out.len() >= xs.len() * LANES);
+    assert!(xs
+        .iter()
+        .all(|x| x.q.len() >= kb * QK_K && x.d.len() >= kb && x.sums.len() >= kb * 8));
+    let mut i = 0;
+    while i + 4 <= xs.len() {
+        rows::<4>(&xs[i..i + 4], groups, &mut out[i * LANES..]);
+        i += 4;
+    }
+    let rest = &xs[i..];
+    let out = &mut out[i * LANES..];
+    match rest.len() {
+        0 => {}
+        1 => rows::<1>(rest, groups, out),
+        2 => rows::<2>(rest, groups, out),
+        _ => rows::<3>(rest, groups, out),
+    }
+}
+
+/// Super-blocks ahead of the one being read that are prefetched.
+const PREFETCH_AHEAD: usize = 6;
+
+/// `R` activation rows against one group of 16 weight rows, accumulators in registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Group], out: &mut [f32]) {
+    let mut xq = [std::ptr::null::<i8>(); R];
+    let mut xd = [std::ptr::null::<f32>(); R];
+    let mut xsum = [std::ptr::null::<i16>(); R];
+    for (r, x) in xs.iter().take(R).enumerate() {
+        xq[r] = x.q.as_ptr();
+        xd[r] = x.d.as_ptr();
+        xsum[r] = x.sums.as_ptr();
+    }
+    let nibble = _mm512_set1_epi8(0x0F);
+    // Four activation bytes (or two i16 sums), broadcast to every lane.
+    macro_rules! bcast {
+        ($p:expr) => {
+            _mm512_set1_epi32(std::ptr::read_unaligned($p as *const i32))
+        };
+    }
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (bi, g) in groups.iter().enumerate() {
+        super::super::small_matmul::prefetch_lines(
+            (g as *const Group).wrapping_add(PREFETCH_AHEAD) as *const u8,
+            std::mem::size_of::<Group>(),
+        );
+        let mut isum = [_mm512_setzero_si512(); R];
+        let mut msum = [_mm512_setzero_si512(); R];
+        for p in 0..4 {
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for gr in 0..8 {
+                let v = _mm512_load_si512(g.qs[8 * p + gr].as_ptr() as *const __m512i);
+                let wl = _mm512_and_si512(v, nibble);
+                let wh = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                for r in 0..R {
+                    let x = xq[r].add(bi * QK_K + 64 * p + 4 * gr) as *const u8;
+                    lo[r] = _mm512_dpbusd_epi32(lo[r], wl, bcast!(x));
+                    hi[r] = _mm512_dpbusd_epi32(hi[r], wh, bcast!(x.add(32)));
+                }
+            }
+            let sl =
+                _mm512_cvtepu8_epi32(_mm_load_si128(g.scales[2 * p].as_ptr() as *const __m128i));
+            let sh = _mm512_cvtepu8_epi32(_mm_load_si128(
+                g.scales[2 * p + 1].as_ptr() as *const __m128i
+            ));
+            let mins =
+                _mm512_cvtepu8_epi16(_mm256_load_si256(g.mins[p].as_ptr() as *const __m256i));
+            for r in 0..R {
+                let s =
+                    _mm512_add_epi32(_mm512_mullo_epi32(lo[r], sl), _mm512_mullo_epi32(hi[r], sh));
+                isum[r] = _mm512_add_epi32(isum[r], s);
+                let pair = xsum[r].add(bi * 8 + 2 * p) as *const u8;
+                msum[r] = _mm512_dpwssd_epi32(msum[r], mins, bcast!(pair));
+            }
+        }
+        let d = _mm512_cvtph_ps(_mm256_load_si256(g.d.as_ptr() as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_load_si256(g.dmin.as_ptr() as *const __m256i));
+        for r in 0..R {
+            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[r]), d);
+            let f = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[r]), dmin, f);
+            acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(*xd[r].add(bi)), acc[r]);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out[r * LANES..r * LANES + LANES].as_mut_ptr(), *a);
+    }
+}
+
+/// The same products in plain Rust on the same rounded activations, for tests.
+#[cfg(test)]
+pub fn scalar_products(xs: &[Row8<'_>], w: &[BlockQ4K], n: usize) -> Vec<f32> {
+    let kb = w.len() / n.max(1);
+    let mut out = vec![0f32; xs.len() * n];
+    for (r, x) in xs.iter().enumerate() {
+        for j in 0..n {
+            let mut acc = 0f64;
+            for bi in 0..kb {
+                let b = &w[j * kb + bi];
+                for i in 0..QK_K {
+                    acc += b.weight(i) as f64 * x.q[bi * QK_K + i] as f64 * x.d[bi] as f64;
+                }
+            }
+            out[r * n + j] = acc as f32;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_data::data;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn quantize(n: usize, k: usize, seed: u32) -> Result<QTensor> {
+        let w = Tensor::from_vec(data(n * k, seed), (n, k), &Device::Cpu)?;
+        QTensor::quantize(&w, GgmlDType::Q4K)
+    }
+
+    #[test]
+    fn block_reader_matches_candles_dequantization() -> Result<()> {
+        let q = quantize(6, 512, 1)?;
+        let want: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let bytes = q.data()?;
+        let blocks = super::super::as_blocks::<BlockQ4K>(&bytes)?;
+        let got: Vec<f32> = blocks
+            .iter()
+            .flat_map(|b| (0..QK_K).map(move |i| b.weight(i)))
+            .collect();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert!((g - e).abs() <= 1e-6 * (1.0 + e.abs()), "[{i}]: {g} vs {e}");
+        }
+        Ok(())
+    }
+
+    /// The kernel against plain Rust on the same rounded activations, for every row count
+    /// the register blocking splits differently and a width that leaves a partial group.
+    #[test]
+    fn packed_products_match_the_scalar_ones() -> Result<()> {
+        if !available() {
+            return Ok(());
+        }
+        let (n, k) = (40, 512);
+        let q = quantize(n, k, 2)?;
+        let bytes = q.data()?;
+        let packed = PackedQ4K::new(&bytes, n, k)?;
+        let blocks = super::super::as_blocks::<BlockQ4K>(&bytes)?;
+        for m in [1, 2, 3, 4, 5, 7, 9] {
+            let x = data(m * k, m as u32);
+            let acts = Rows8::new(&x, k);
+            let want = scalar_products(&acts.rows(), blocks, n);
+            let got = packed.matmul(&x, m, 128);
+            assert_eq!(got.len(), want.len());
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "m {m} [{i}]: {g} vs {e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Against f32 activations and the dequantized weights: off only by the activations'
+    /// 8-bit rounding, at most half a step (max|x| / 254 per super-block) per term.
+    #[test]
+    fn products_track_the_dequantized_weights() -> Result<()> {
+        if !available() {
+            return Ok(());
+        }
+        let (m, n, k) = (3, 24, 768);
+        let q = quantize(n, k, 3)?;
+        let w: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let packed = PackedQ4K::new(&q.data()?, n, k)?;
+        let x = data(m * k, 4);
+        let got = packed.matmul(&x, m, 128);
+        for r in 0..m {
+            for j in 0..n {
+                let (xr, wr) = (&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]);
+                let want: f64 = xr.iter().zip(wr).map(|(a, b)| (a * b) as f64).sum();
+                let bound: f64 = xr
+                    .chunks(QK_K)
+                    .zip(wr.chunks(QK_K))
+                    .map(|(xb, wb)| {
+                        let step = xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                        wb.iter().map(|v| v.abs() as f64).sum::<f64>() * step as f64 / 2.0
+                    })
+                    .sum();
+                let diff = (got[r * n + j] as f64 - want).abs();
+                assert!(diff <= bound + 1e-4, "[{r}, {j}]: {diff} > {bound}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A row's result alone is bit-identical to the same row inside a batch of many passes.
+    #[test]
+    fn a_row_is_bit_identical_alone_and_batched() -> Result<()> {
+        if !available() {
+            return Ok(());
+        }
+        let (m, n, k) = (23, 33, 256);
+        let packed = PackedQ4K::new(&quantize(n, k, 5)?.data()?, n, k)?;
+        let x = data(m * k, 6);
+        let batched = packed.matmul(&x, m, 8);
+        for i in 0..m {
+            let alone = packed.matmul(&x[i * k..(i + 1) * k], 1, 8);
+            assert_eq!(alone[..], batched[i * n..(i + 1) * n], "row {i}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn non_finite_activations_give_non_finite_output() -> Result<()> {
+        if !available() {
+            return Ok(());
+        }
+        let (n, k) = (16, 256);
+        let packed = PackedQ4K::new(&quantize(n, k, 7)?.data()?, n, k)?;
+        let mut x = data(k, 8);
+        x[100] = f32::INFINITY;
+        let got = packed.matmul(&x, 1, 128);
+        assert!(got.iter().all(|v| v.is_nan()), "{got:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_weight_that_is_not_whole_super_blocks_is_an_error() -> Result<()> {
+        let bytes = quantize(2, 256, 9)?.data()?.to_vec();
+        assert!(PackedQ4K::new(&bytes, 3, 256).is_err());
+        assert!(PackedQ4K::new(&bytes[..100], 2, 256).is_err());
+        Ok(())
+    }
+}
