@@ -6,7 +6,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
-use mixserve::model::quant_kernel::{q4k, quantized_matmul_t, CHUNK_ROWS};
+use mixserve::model::quant_kernel::{quantized_matmul_t, Packed};
 use mixserve::model::small_matmul::small_matmul_t;
 use std::time::Instant;
 
@@ -95,15 +95,18 @@ fn main() -> candle_core::Result<()> {
                 i = (i + 1) % mms.len();
                 mms[i].forward(&x)
             })?;
-            let ours = if dtype == GgmlDType::Q4K && q4k::available() {
-                let packed: Vec<q4k::PackedQ4K> = qs
-                    .iter()
-                    .map(|q| q4k::PackedQ4K::new(&q.data()?, n, k))
-                    .collect::<candle_core::Result<_>>()?;
+            let packed: Vec<Option<Packed>> = qs
+                .iter()
+                .map(Packed::new)
+                .collect::<candle_core::Result<_>>()?;
+            let ours = if let Some(Some(_)) = packed.first() {
                 let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 time(20, || {
                     i = (i + 1) % packed.len();
-                    let y = packed[i].matmul(&xv, m, CHUNK_ROWS);
+                    let y = match &packed[i] {
+                        Some(p) => p.matmul(&xv, m),
+                        None => Vec::new(),
+                    };
                     Tensor::from_vec(y, (m, n), &dev)
                 })?
             } else {

@@ -49,9 +49,9 @@ pub enum Linear {
         q: Arc<QTensor>,
         mm: QMatMul,
     },
-    /// q4k repacked for the CPU's VNNI kernel (candle's copy dropped).
+    /// Packed for the CPU's VNNI kernels (candle's copy dropped).
     #[cfg(target_arch = "x86_64")]
-    PackedQ4K(quant_kernel::q4k::PackedQ4K),
+    Packed(quant_kernel::Packed),
 }
 
 impl Linear {
@@ -59,13 +59,8 @@ impl Linear {
     /// elsewhere.
     pub fn quantized(q: QTensor) -> Result<Self> {
         #[cfg(target_arch = "x86_64")]
-        if q.device().is_cpu()
-            && q.dtype() == candle_core::quantized::GgmlDType::Q4K
-            && quant_kernel::q4k::available()
-        {
-            let (n, k) = q.shape().dims2()?;
-            let packed = quant_kernel::q4k::PackedQ4K::new(&q.data()?, n, k)?;
-            return Ok(Self::PackedQ4K(packed));
+        if let Some(packed) = quant_kernel::Packed::new(&q)? {
+            return Ok(Self::Packed(packed));
         }
         let q = Arc::new(q);
         let mm = QMatMul::from_arc(q.clone())?;
@@ -83,7 +78,7 @@ impl Linear {
             Self::Dense(w) => w.dtype(),
             Self::Quantized { .. } => DType::F32,
             #[cfg(target_arch = "x86_64")]
-            Self::PackedQ4K(_) => DType::F32,
+            Self::Packed(_) => DType::F32,
         }
     }
 
@@ -104,22 +99,19 @@ impl Linear {
                 y.to_dtype(xs.dtype())
             }
             #[cfg(target_arch = "x86_64")]
-            Self::PackedQ4K(w) => {
+            Self::Packed(w) => {
                 let dims = xs.dims();
                 let k = dims.last().copied().unwrap_or(0);
-                if k != w.cols() {
-                    candle_core::bail!(
-                        "q4k matmul: input width {k}, weight [{}, {}]",
-                        w.rows(),
-                        w.cols()
-                    );
+                let (n, wk) = w.dims();
+                if k != wk {
+                    candle_core::bail!("quantized matmul: input width {k}, weight [{n}, {wk}]");
                 }
                 let m = xs.elem_count() / k.max(1);
                 let x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let y = w.matmul(&x, m, quant_kernel::CHUNK_ROWS);
+                let y = w.matmul(&x, m);
                 let mut shape = dims.to_vec();
                 if let Some(last) = shape.last_mut() {
-                    *last = w.rows();
+                    *last = n;
                 }
                 Tensor::from_vec(y, shape, xs.device())?.to_dtype(xs.dtype())
             }

@@ -118,7 +118,7 @@ mod tests {
         match l {
             Linear::Quantized { q, .. } => Some(q.dtype()),
             #[cfg(target_arch = "x86_64")]
-            Linear::PackedQ4K(_) => Some(GgmlDType::Q4K),
+            Linear::Packed(p) => Some(p.dtype()),
             Linear::Dense(_) => None,
         }
     }

@@ -128,6 +128,19 @@ pub struct Row16<'a> {
     d: &'a [f32],
 }
 
+#[cfg(target_arch = "x86_64")]
+impl packed::Activations for Rows16 {
+    type Row<'a> = Row16<'a>;
+
+    fn new(x: &[f32], k: usize) -> Self {
+        Rows16::new(x, k)
+    }
+
+    fn rows(&self) -> Vec<Row16<'_>> {
+        Rows16::rows(self)
+    }
+}
+
 impl Rows16 {
     /// `x`: `[m, k]` row-major, `k` a multiple of 32.
     pub fn new(x: &[f32], k: usize) -> Self {
@@ -259,7 +272,70 @@ fn scalar_tile<B: Block>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed32;
+#[cfg(target_arch = "x86_64")]
 pub mod q4k;
+
+/// A quantized weight packed on load for this CPU's VNNI kernels (see `packed.rs`).
+#[cfg(target_arch = "x86_64")]
+pub enum Packed {
+    Q4K(q4k::PackedQ4K),
+    Q8_0(packed32::PackedQ8_0),
+    Q4_0(packed32::PackedQ4_0),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Packed {
+    /// `q` packed, or `None` where the CPU or the format has no packed kernel (candle's or
+    /// the unpacked kernels then take it).
+    pub fn new(q: &QTensor) -> Result<Option<Self>> {
+        use packed::Group;
+        if !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let (n, k) = q.shape().dims2()?;
+        Ok(match q.dtype() {
+            GgmlDType::Q4K if q4k::Q4kGroup::available() => {
+                Some(Self::Q4K(q4k::pack(&q.data()?, n, k)?))
+            }
+            GgmlDType::Q8_0 if packed32::Q8Group::available() => {
+                Some(Self::Q8_0(packed32::pack_q8_0(&q.data()?, n, k)?))
+            }
+            GgmlDType::Q4_0 if packed32::Q4Group::available() => {
+                Some(Self::Q4_0(packed32::pack_q4_0(&q.data()?, n, k)?))
+            }
+            _ => None,
+        })
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        match self {
+            Self::Q4K(_) => GgmlDType::Q4K,
+            Self::Q8_0(_) => GgmlDType::Q8_0,
+            Self::Q4_0(_) => GgmlDType::Q4_0,
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Q4K(w) => (w.rows(), w.cols()),
+            Self::Q8_0(w) => (w.rows(), w.cols()),
+            Self::Q4_0(w) => (w.rows(), w.cols()),
+        }
+    }
+
+    /// `x [m, in] @ W^T`: `[m, out]` row-major.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        match self {
+            Self::Q4K(w) => w.matmul(x, m, CHUNK_ROWS),
+            Self::Q8_0(w) => w.matmul(x, m, CHUNK_ROWS),
+            Self::Q4_0(w) => w.matmul(x, m, CHUNK_ROWS),
+        }
+    }
+}
 
 /// Pointers to the 16-bit values and block scales of `R` activation rows, for the kernels.
 #[cfg(target_arch = "x86_64")]

@@ -1,27 +1,23 @@
-//! q4k (GGML's Q4_K) weights repacked for AVX-512 VNNI, and their products.
+//! q4k (GGML's Q4_K) weights packed for AVX-512 VNNI (see `packed.rs`), and their products.
 //!
 //! candle's q4k kernel reached 47% of the memory roofline for one sequence, and ran on a
 //! spinning thread pool of its own beside ours (its spin-waits were ~20% of a decode profile
 //! on 2 cores). A kernel reading candle's layout as is needs 8 multiplies per row and block
 //! to apply the 8 sub-block scales to lanes that each hold a piece of one sub-block, which
-//! made it slower than candle's. So the weights are repacked on load, as llama.cpp repacks
-//! them: 16 rows interleaved 4 bytes at a time, so each lane of a `vpdpbusd` accumulator is
-//! one row's whole sub-block, and one multiply applies that sub-block's 16 scales. The
-//! arithmetic is GGML's: activations rounded to 8 bits per 256 values (`q8_K`, an error small
-//! next to the 4-bit weights'), exact integer sums per super-block, the mins folded in through
-//! each activation sub-block's sum. Lanes are output columns, so no horizontal sum: a row's
-//! result is the same instruction sequence whatever its batch.
+//! made it slower than candle's. Packed, 16 rows interleaved 4 bytes at a time, each lane of a
+//! `vpdpbusd` accumulator is one row's whole sub-block, and one multiply applies that
+//! sub-block's 16 scales. The arithmetic is GGML's: activations rounded to 8 bits per 256
+//! values (`q8_K`, an error small next to the 4-bit weights'), exact integer sums per
+//! super-block, the mins folded in through each activation sub-block's sum.
 
-use super::super::small_matmul::{SharedOut, MIN_WEIGHTS_PER_TASK};
+use super::super::small_matmul::prefetch_lines;
+use super::packed::{Activations, Group, PackedWeight, LANES};
 use super::RawBlock;
 use candle_core::{bail, Result};
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 
 /// Weights per super-block.
 pub const QK_K: usize = 256;
-/// Weight rows interleaved in one [`Group`].
-const LANES: usize = 16;
 
 /// GGML's Q4_K super-block, as candle stores it: weight `l` of sub-block `j` (32 each) is
 /// `d * scale_j * q - dmin * min_j` with `q` in 0..16.
@@ -77,7 +73,7 @@ impl BlockQ4K {
 /// One super-block (256 inputs) of 16 weight rows, interleaved for the kernel.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-struct Group {
+pub struct Q4kGroup {
     /// `[pair p][group g]`: for each of the 16 rows, bytes `4g..4g + 4` of its `qs` chunk `p`
     /// (low nibbles sub-block `2p`, high nibbles `2p + 1`).
     qs: [[u8; 64]; 32],
@@ -90,130 +86,61 @@ struct Group {
     dmin: [u16; 16],
 }
 
-const _: () = assert!(std::mem::size_of::<Group>() == 2368);
+const _: () = assert!(std::mem::size_of::<Q4kGroup>() == 2368);
 
-impl Group {
-    const ZERO: Group = Group {
+impl Group for Q4kGroup {
+    const INPUTS: usize = QK_K;
+    const MAX_ROWS: usize = 4;
+    const ZERO: Self = Self {
         qs: [[0; 64]; 32],
         scales: [[0; 16]; 8],
         mins: [[0; 32]; 4],
         d: [0; 16],
         dmin: [0; 16],
     };
+    type Acts = Rows8;
+
+    /// AVX-512 F, BW and VNNI.
+    fn available() -> bool {
+        super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
+    }
+
+    fn holds(x: &Row8<'_>, k: usize) -> bool {
+        x.q.len() >= k && x.d.len() * QK_K >= k && x.sums.len() * 32 >= k
+    }
+
+    unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Self], out: &mut [f32]) {
+        rows::<R>(xs, groups, out)
+    }
 }
 
-/// A q4k weight `[n, k]` repacked: `ceil(n / 16)` groups of rows, each `k / 256` [`Group`]s
-/// (rows past `n` are zero).
-pub struct PackedQ4K {
-    n: usize,
-    k: usize,
-    groups: Vec<Group>,
-}
+/// A q4k weight packed for [`Q4kGroup`]'s kernel.
+pub type PackedQ4K = PackedWeight<Q4kGroup>;
 
-impl PackedQ4K {
-    /// Repacks candle's q4k bytes (`QTensor::data`) of an `[n, k]` weight.
-    pub fn new(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        let blocks = super::as_blocks::<BlockQ4K>(bytes)?;
-        if !k.is_multiple_of(QK_K) || blocks.len() != n * (k / QK_K) {
-            bail!(
-                "{} q4k blocks do not make a [{n}, {k}] weight",
-                blocks.len()
-            );
+/// Packs candle's q4k bytes (`QTensor::data`) of an `[n, k]` weight.
+pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4K> {
+    let blocks = super::as_blocks::<BlockQ4K>(bytes)?;
+    if !k.is_multiple_of(QK_K) || blocks.len() != n * (k / QK_K) {
+        bail!("{} q4k blocks do not make a [{n}, {k}] weight", blocks.len());
+    }
+    let kb = k / QK_K;
+    Ok(PackedWeight::new(n, k, |group: &mut Q4kGroup, row, bi, lane| {
+        let b = &blocks[row * kb + bi];
+        let sm = b.scales_mins();
+        for (scales, &sc) in group.scales.iter_mut().zip(&sm[..8]) {
+            scales[lane] = sc;
         }
-        let kb = k / QK_K;
-        let mut groups = vec![Group::ZERO; n.div_ceil(LANES) * kb];
-        for (gi, group) in groups.iter_mut().enumerate() {
-            let (g, bi) = (gi / kb, gi % kb);
-            for lane in 0..LANES {
-                let row = g * LANES + lane;
-                if row >= n {
-                    break;
-                }
-                let b = &blocks[row * kb + bi];
-                let sm = b.scales_mins();
-                for (scales, &sc) in group.scales.iter_mut().zip(&sm[..8]) {
-                    scales[lane] = sc;
-                }
-                for p in 0..4 {
-                    group.mins[p][2 * lane] = sm[8 + 2 * p];
-                    group.mins[p][2 * lane + 1] = sm[8 + 2 * p + 1];
-                    for gr in 0..8 {
-                        let src = &b.qs[32 * p + 4 * gr..32 * p + 4 * gr + 4];
-                        group.qs[8 * p + gr][4 * lane..4 * lane + 4].copy_from_slice(src);
-                    }
-                }
-                group.d[lane] = u16::from_le_bytes(b.d);
-                group.dmin[lane] = u16::from_le_bytes(b.dmin);
+        for p in 0..4 {
+            group.mins[p][2 * lane] = sm[8 + 2 * p];
+            group.mins[p][2 * lane + 1] = sm[8 + 2 * p + 1];
+            for gr in 0..8 {
+                let src = &b.qs[32 * p + 4 * gr..32 * p + 4 * gr + 4];
+                group.qs[8 * p + gr][4 * lane..4 * lane + 4].copy_from_slice(src);
             }
         }
-        Ok(Self { n, k, groups })
-    }
-
-    /// Output width (weight rows).
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    /// Input width.
-    pub fn cols(&self) -> usize {
-        self.k
-    }
-
-    /// `x [m, k] @ W^T`: `[m, n]` row-major, in passes of `chunk_rows` activation rows.
-    pub fn matmul(&self, x: &[f32], m: usize, chunk_rows: usize) -> Vec<f32> {
-        assert!(available() && x.len() >= m * self.k);
-        let mut out = vec![0f32; m * self.n];
-        for (pass, rows) in x[..m * self.k]
-            .chunks(chunk_rows.max(1) * self.k.max(1))
-            .enumerate()
-        {
-            let acts = Rows8::new(rows, self.k);
-            let first = pass * chunk_rows.max(1);
-            let n_rows = out.len() / self.n.max(1);
-            self.products(&acts.rows(), &mut out[first * self.n..n_rows * self.n]);
-        }
-        out
-    }
-
-    /// All rows' products into `out` (`[rows, n]`), groups of weight rows shared out to the
-    /// pool in chunks of at least [`MIN_WEIGHTS_PER_TASK`] weights.
-    fn products(&self, xs: &[Row8<'_>], out: &mut [f32]) {
-        let (m, n, kb) = (xs.len(), self.n, self.k / QK_K);
-        let n_groups = n.div_ceil(LANES);
-        if m == 0 || n_groups == 0 {
-            return;
-        }
-        let threads = rayon::current_num_threads().max(1);
-        let min_groups = (MIN_WEIGHTS_PER_TASK / (LANES * self.k).max(1)).max(1);
-        let per_task = n_groups.div_ceil(threads * 4).max(min_groups);
-        let shared = SharedOut(out.as_mut_ptr());
-        let run = |task: usize| {
-            let shared = &shared;
-            let mut tile = vec![0f32; m * LANES];
-            for g in task * per_task..((task + 1) * per_task).min(n_groups) {
-                let groups = &self.groups[g * kb..(g + 1) * kb];
-                // SAFETY: `products` is only reached after `available()` was checked.
-                unsafe { tile_rows(xs, groups, &mut tile) };
-                let (j, c) = (g * LANES, LANES.min(n - g * LANES));
-                for i in 0..m {
-                    // SAFETY: row i, columns j..j + c: inside `out`, and this task's alone.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            tile[i * LANES..].as_ptr(),
-                            shared.0.add(i * n + j),
-                            c,
-                        )
-                    };
-                }
-            }
-        };
-        let tasks = n_groups.div_ceil(per_task);
-        if tasks == 1 {
-            run(0);
-        } else {
-            (0..tasks).into_par_iter().for_each(run);
-        }
-    }
+        group.d[lane] = u16::from_le_bytes(b.d);
+        group.dmin[lane] = u16::from_le_bytes(b.dmin);
+    }))
 }
 
 /// Activations rounded to 8 bits per super-block of 256 (GGML's `q8_K`).
@@ -235,9 +162,11 @@ pub struct Row8<'a> {
     sums: &'a [i16],
 }
 
-impl Rows8 {
+impl Activations for Rows8 {
+    type Row<'a> = Row8<'a>;
+
     /// `x`: `[m, k]` row-major, `k` a multiple of 256.
-    pub fn new(x: &[f32], k: usize) -> Self {
+    fn new(x: &[f32], k: usize) -> Self {
         let blocks = x.len() / QK_K;
         let mut rows = Self {
             k,
@@ -245,14 +174,38 @@ impl Rows8 {
             d: vec![0.0; blocks],
             sums: vec![0; blocks * 8],
         };
-        // SAFETY: `available()` (checked by every caller) implies AVX2 and FMA.
-        unsafe { rows.fill_avx2(x) };
+        if super::super::small_matmul::has_simd() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { rows.fill_avx2(x) };
+        } else {
+            rows.fill(x);
+        }
         rows
     }
 
-    /// Compiled for AVX2, where rounding is one instruction (a libm call per value without).
+    fn rows(&self) -> Vec<Row8<'_>> {
+        let (kb, ks) = (self.k / QK_K, self.k / 32);
+        (0..self.q.len() / self.k.max(1))
+            .map(|i| Row8 {
+                q: &self.q[i * self.k..(i + 1) * self.k],
+                d: &self.d[i * kb..(i + 1) * kb],
+                sums: &self.sums[i * ks..(i + 1) * ks],
+            })
+            .collect()
+    }
+}
+
+impl Rows8 {
+
+    /// Compiled for AVX2, where rounding is one instruction (a libm call per value without);
+    /// IEEE rounding makes both the same.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn fill_avx2(&mut self, x: &[f32]) {
+        self.fill(x)
+    }
+
+    #[inline(always)]
+    fn fill(&mut self, x: &[f32]) {
         let blocks = x.chunks_exact(QK_K).zip(self.q.chunks_exact_mut(QK_K));
         let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(8));
         for ((block, q), (d, sums)) in blocks.zip(rest) {
@@ -275,48 +228,6 @@ impl Rows8 {
             *d = scale;
         }
     }
-
-    pub fn rows(&self) -> Vec<Row8<'_>> {
-        let (kb, ks) = (self.k / QK_K, self.k / 32);
-        (0..self.q.len() / self.k.max(1))
-            .map(|i| Row8 {
-                q: &self.q[i * self.k..(i + 1) * self.k],
-                d: &self.d[i * kb..(i + 1) * kb],
-                sums: &self.sums[i * ks..(i + 1) * ks],
-            })
-            .collect()
-    }
-}
-
-/// Whether the CPU runs these kernels (AVX-512 F, BW and VNNI).
-pub fn available() -> bool {
-    super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
-}
-
-/// One group of 16 weight rows (its `kb` super-blocks) against every activation row:
-/// `out[i * 16 + lane]`. Rows 4 at a time, so each weight vector unpacked serves 4.
-///
-/// # Safety
-/// The CPU has AVX-512 F, BW and VNNI; every row holds `kb` super-blocks.
-unsafe fn tile_rows(xs: &[Row8<'_>], groups: &[Group], out: &mut [f32]) {
-    let kb = groups.len();
-    assert!(out.len() >= xs.len() * LANES);
-    assert!(xs
-        .iter()
-        .all(|x| x.q.len() >= kb * QK_K && x.d.len() >= kb && x.sums.len() >= kb * 8));
-    let mut i = 0;
-    while i + 4 <= xs.len() {
-        rows::<4>(&xs[i..i + 4], groups, &mut out[i * LANES..]);
-        i += 4;
-    }
-    let rest = &xs[i..];
-    let out = &mut out[i * LANES..];
-    match rest.len() {
-        0 => {}
-        1 => rows::<1>(rest, groups, out),
-        2 => rows::<2>(rest, groups, out),
-        _ => rows::<3>(rest, groups, out),
-    }
 }
 
 /// Super-blocks ahead of the one being read that are prefetched.
@@ -324,7 +235,7 @@ const PREFETCH_AHEAD: usize = 6;
 
 /// `R` activation rows against one group of 16 weight rows, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Group], out: &mut [f32]) {
+unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4kGroup], out: &mut [f32]) {
     let mut xq = [std::ptr::null::<i8>(); R];
     let mut xd = [std::ptr::null::<f32>(); R];
     let mut xsum = [std::ptr::null::<i16>(); R];
@@ -342,9 +253,9 @@ unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Group], out: &mut [f32
     }
     let mut acc = [_mm512_setzero_ps(); R];
     for (bi, g) in groups.iter().enumerate() {
-        super::super::small_matmul::prefetch_lines(
-            (g as *const Group).wrapping_add(PREFETCH_AHEAD) as *const u8,
-            std::mem::size_of::<Group>(),
+        prefetch_lines(
+            (g as *const Q4kGroup).wrapping_add(PREFETCH_AHEAD) as *const u8,
+            std::mem::size_of::<Q4kGroup>(),
         );
         let mut isum = [_mm512_setzero_si512(); R];
         let mut msum = [_mm512_setzero_si512(); R];
@@ -442,13 +353,13 @@ mod tests {
     /// the register blocking splits differently and a width that leaves a partial group.
     #[test]
     fn packed_products_match_the_scalar_ones() -> Result<()> {
-        if !available() {
+        if !Q4kGroup::available() {
             return Ok(());
         }
         let (n, k) = (40, 512);
         let q = quantize(n, k, 2)?;
         let bytes = q.data()?;
-        let packed = PackedQ4K::new(&bytes, n, k)?;
+        let packed = pack(&bytes, n, k)?;
         let blocks = super::super::as_blocks::<BlockQ4K>(&bytes)?;
         for m in [1, 2, 3, 4, 5, 7, 9] {
             let x = data(m * k, m as u32);
@@ -470,13 +381,13 @@ mod tests {
     /// 8-bit rounding, at most half a step (max|x| / 254 per super-block) per term.
     #[test]
     fn products_track_the_dequantized_weights() -> Result<()> {
-        if !available() {
+        if !Q4kGroup::available() {
             return Ok(());
         }
         let (m, n, k) = (3, 24, 768);
         let q = quantize(n, k, 3)?;
         let w: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let packed = PackedQ4K::new(&q.data()?, n, k)?;
+        let packed = pack(&q.data()?, n, k)?;
         let x = data(m * k, 4);
         let got = packed.matmul(&x, m, 128);
         for r in 0..m {
@@ -501,11 +412,11 @@ mod tests {
     /// A row's result alone is bit-identical to the same row inside a batch of many passes.
     #[test]
     fn a_row_is_bit_identical_alone_and_batched() -> Result<()> {
-        if !available() {
+        if !Q4kGroup::available() {
             return Ok(());
         }
         let (m, n, k) = (23, 33, 256);
-        let packed = PackedQ4K::new(&quantize(n, k, 5)?.data()?, n, k)?;
+        let packed = pack(&quantize(n, k, 5)?.data()?, n, k)?;
         let x = data(m * k, 6);
         let batched = packed.matmul(&x, m, 8);
         for i in 0..m {
@@ -517,11 +428,11 @@ mod tests {
 
     #[test]
     fn non_finite_activations_give_non_finite_output() -> Result<()> {
-        if !available() {
+        if !Q4kGroup::available() {
             return Ok(());
         }
         let (n, k) = (16, 256);
-        let packed = PackedQ4K::new(&quantize(n, k, 7)?.data()?, n, k)?;
+        let packed = pack(&quantize(n, k, 7)?.data()?, n, k)?;
         let mut x = data(k, 8);
         x[100] = f32::INFINITY;
         let got = packed.matmul(&x, 1, 128);
@@ -532,8 +443,8 @@ mod tests {
     #[test]
     fn a_weight_that_is_not_whole_super_blocks_is_an_error() -> Result<()> {
         let bytes = quantize(2, 256, 9)?.data()?.to_vec();
-        assert!(PackedQ4K::new(&bytes, 3, 256).is_err());
-        assert!(PackedQ4K::new(&bytes[..100], 2, 256).is_err());
+        assert!(pack(&bytes, 3, 256).is_err());
+        assert!(pack(&bytes[..100], 2, 256).is_err());
         Ok(())
     }
 }

@@ -1,0 +1,165 @@
+//! Quantized weights repacked on load, 16 rows interleaved per block of inputs, as llama.cpp
+//! repacks them for its CPU kernels: each lane of a VNNI accumulator is one output row, so one
+//! multiply applies 16 rows' block scales and no horizontal sums are needed. Lanes are output
+//! columns, so a row's result is the same instruction sequence whatever its batch.
+
+use super::super::small_matmul::{SharedOut, MIN_WEIGHTS_PER_TASK};
+use rayon::prelude::*;
+
+/// Weight rows interleaved in one group.
+pub const LANES: usize = 16;
+
+/// A weight `[n, k]` as `ceil(n / 16)` runs of `k / G::INPUTS` groups (rows past `n` zero).
+pub struct PackedWeight<G> {
+    n: usize,
+    k: usize,
+    groups: Vec<G>,
+}
+
+/// Activation rows rounded to integers the way a kernel takes them.
+pub trait Activations: Sized {
+    type Row<'a>: Sync
+    where
+        Self: 'a;
+    /// `x`: `[m, k]` row-major.
+    fn new(x: &[f32], k: usize) -> Self;
+    fn rows(&self) -> Vec<Self::Row<'_>>;
+}
+
+/// The rows a group's kernel takes.
+pub type RowOf<'a, G> = <<G as Group>::Acts as Activations>::Row<'a>;
+
+/// One block of inputs of 16 weight rows in a kernel's layout.
+pub trait Group: Copy + Send + Sync + 'static {
+    /// Inputs per group.
+    const INPUTS: usize;
+    /// All-zero weights (the padding rows past `n`).
+    const ZERO: Self;
+    /// Activation rows per pass of the kernel (at most 8: its accumulators in registers).
+    const MAX_ROWS: usize;
+    type Acts: Activations;
+    /// Whether this CPU runs the kernel.
+    fn available() -> bool;
+    /// Whether an activation row holds `k` inputs.
+    fn holds(x: &RowOf<'_, Self>, k: usize) -> bool;
+    /// `R` activation rows against one run of groups: `out[r * 16 + lane]`.
+    ///
+    /// # Safety
+    /// `available()`, `xs` holds `R` rows, each holding the run's inputs, `out` `R * 16`.
+    unsafe fn rows<const R: usize>(xs: &[RowOf<'_, Self>], groups: &[Self], out: &mut [f32]);
+}
+
+impl<G: Group> PackedWeight<G> {
+    /// Packs `n` rows of `k` inputs (a multiple of `G::INPUTS`): `fill(group, row, block,
+    /// lane)` writes weight row `row`'s block `block` into lane `lane` of `group`.
+    pub fn new(n: usize, k: usize, mut fill: impl FnMut(&mut G, usize, usize, usize)) -> Self {
+        debug_assert!(k.is_multiple_of(G::INPUTS));
+        let kb = k / G::INPUTS;
+        let mut groups = vec![G::ZERO; n.div_ceil(LANES) * kb];
+        for (gi, group) in groups.iter_mut().enumerate() {
+            let (g, bi) = (gi / kb, gi % kb);
+            for lane in 0..LANES.min(n - g * LANES) {
+                fill(group, g * LANES + lane, bi, lane);
+            }
+        }
+        Self { n, k, groups }
+    }
+
+    /// Output width (weight rows).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input width.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// `x [m, k] @ W^T`: `[m, n]` row-major, in passes of `chunk_rows` activation rows (whose
+    /// rounded values stay in L2 while each group is multiplied by all of them).
+    pub fn matmul(&self, x: &[f32], m: usize, chunk_rows: usize) -> Vec<f32> {
+        assert!(G::available() && x.len() >= m * self.k);
+        let (chunk, k) = (chunk_rows.max(1), self.k.max(1));
+        let mut out = vec![0f32; m * self.n];
+        for (pass, rows) in x[..m * self.k].chunks(chunk * k).enumerate() {
+            let acts = G::Acts::new(rows, self.k);
+            self.products(&acts.rows(), &mut out[pass * chunk * self.n..]);
+        }
+        out
+    }
+
+    /// All activation rows' products into `out` (`[rows, n]` row-major), runs of groups
+    /// shared out to the pool in chunks of at least [`MIN_WEIGHTS_PER_TASK`] weights.
+    fn products(&self, xs: &[RowOf<'_, G>], out: &mut [f32]) {
+        let (m, n, kb) = (xs.len(), self.n, self.k / G::INPUTS);
+        let runs = n.div_ceil(LANES);
+        assert!(out.len() >= m * n);
+        if m == 0 || runs == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let min_runs = (MIN_WEIGHTS_PER_TASK / (LANES * self.k).max(1)).max(1);
+        let per_task = runs.div_ceil(threads * 4).max(min_runs);
+        let shared = SharedOut(out.as_mut_ptr());
+        let task = |t: usize| {
+            let shared = &shared;
+            let mut tile = vec![0f32; m * LANES];
+            for g in t * per_task..((t + 1) * per_task).min(runs) {
+                // SAFETY: `matmul` checked `available()`; the rows were made `k` wide.
+                unsafe { kernel(xs, &self.groups[g * kb..(g + 1) * kb], &mut tile) };
+                let (j, c) = (g * LANES, LANES.min(n - g * LANES));
+                for i in 0..m {
+                    // SAFETY: row i, columns j..j + c: inside `out`, and this task's alone.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            tile[i * LANES..].as_ptr(),
+                            shared.0.add(i * n + j),
+                            c,
+                        )
+                    };
+                }
+            }
+        };
+        let tasks = runs.div_ceil(per_task);
+        if tasks == 1 {
+            task(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+    }
+}
+
+/// Every activation row against one run of groups (`k` inputs): `out[i * 16 + lane]`,
+/// rows `G::MAX_ROWS` at a time, then the rest.
+///
+/// # Safety
+/// `G::available()`.
+unsafe fn kernel<G: Group>(xs: &[RowOf<'_, G>], groups: &[G], out: &mut [f32]) {
+    let k = groups.len() * G::INPUTS;
+    assert!(out.len() >= xs.len() * LANES && xs.iter().all(|x| G::holds(x, k)));
+    let max = G::MAX_ROWS;
+    let mut i = 0;
+    while i + max <= xs.len() {
+        rows::<G>(max, &xs[i..i + max], groups, &mut out[i * LANES..]);
+        i += max;
+    }
+    rows::<G>(xs.len() - i, &xs[i..], groups, &mut out[i * LANES..]);
+}
+
+/// `G::rows::<R>` for a run-time `r` (0..=8).
+///
+/// # Safety
+/// As [`Group::rows`].
+unsafe fn rows<G: Group>(r: usize, xs: &[RowOf<'_, G>], groups: &[G], out: &mut [f32]) {
+    match r {
+        0 => {}
+        1 => G::rows::<1>(xs, groups, out),
+        2 => G::rows::<2>(xs, groups, out),
+        3 => G::rows::<3>(xs, groups, out),
+        4 => G::rows::<4>(xs, groups, out),
+        5 => G::rows::<5>(xs, groups, out),
+        6 => G::rows::<6>(xs, groups, out),
+        7 => G::rows::<7>(xs, groups, out),
+        _ => G::rows::<8>(xs, groups, out),
+    }
+}
