@@ -113,31 +113,14 @@ fn run<T: CacheElem>(
         .collect();
     let task = |&(i, kh): &(usize, usize)| {
         let query = &queries[i];
-        let mut out = vec![0f32; groups * hd];
-        let mut scores = vec![0f32; query.slots.len()];
-        for g in 0..groups {
-            let head = kh * groups + g;
-            let qv = &q[query.row * q_dim + head * hd..][..hd];
-            for (s, &slot) in scores.iter_mut().zip(query.slots) {
-                let kv = &k[slot as usize * kv_dim + kh * hd..][..hd];
-                *s = dot(qv, kv) * h.scale;
-            }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut out[g * hd..(g + 1) * hd];
-            for (p, &slot) in scores.iter().zip(query.slots) {
-                let vv = &v[slot as usize * kv_dim + kh * hd..][..hd];
-                let p = p / sum;
-                for (o, &x) in o.iter_mut().zip(vv) {
-                    *o += p * x.f32();
-                }
-            }
+        let qs = &q[query.row * q_dim + kh * groups * hd..][..groups * hd];
+        let (k, v) = (&k[kh * hd..], &v[kh * hd..]);
+        #[cfg(target_arch = "x86_64")]
+        if super::small_matmul::has_simd() {
+            // SAFETY: the CPU has AVX2, FMA and F16C.
+            return unsafe { kv_head_avx2(qs, k, v, query.slots, kv_dim, h) };
         }
-        out
+        kv_head(qs, k, v, query.slots, kv_dim, h)
     };
     let work: usize = queries.iter().map(|q| q.slots.len()).sum::<usize>() * q_dim * 2;
     let parts: Vec<Vec<f32>> = if work < MIN_PARALLEL_WORK {
@@ -153,7 +136,83 @@ fn run<T: CacheElem>(
     Ok(outs)
 }
 
+/// How many slots ahead [`kv_head`] prefetches the cache rows it will read.
+const PREFETCH_SLOTS: usize = 8;
+
+/// [`kv_head`] compiled for AVX2 (the same operations, 8 lanes at a time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kv_head_avx2<T: CacheElem>(
+    qs: &[f32],
+    k: &[T],
+    v: &[T],
+    slots: &[u32],
+    kv_dim: usize,
+    h: Heads,
+) -> Vec<f32> {
+    kv_head(qs, k, v, slots, kv_dim, h)
+}
+
+/// The query heads `qs` (`groups * head_dim`) that share one KV head, against its keys and
+/// values (`k` / `v` start at the head's first element; a slot's row is `kv_dim` on). Each key
+/// and value row is read once for all the heads.
+#[inline(always)]
+fn kv_head<T: CacheElem>(
+    qs: &[f32],
+    k: &[T],
+    v: &[T],
+    slots: &[u32],
+    kv_dim: usize,
+    h: Heads,
+) -> Vec<f32> {
+    let hd = h.head_dim;
+    let groups = qs.len() / hd.max(1);
+    let n = slots.len();
+    let mut scores = vec![0f32; groups * n];
+    // Rows are a head's slice of scattered cache slots: too short and far apart for the
+    // hardware prefetcher, so fetch the rows a few slots ahead.
+    let ahead = |rows: &[T], si: usize| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(&slot) = slots.get(si + PREFETCH_SLOTS) {
+            let row = rows[slot as usize * kv_dim..].as_ptr() as *const u8;
+            super::small_matmul::prefetch_lines(row, hd * std::mem::size_of::<T>());
+        }
+        let _ = (rows, si);
+    };
+    for (si, &slot) in slots.iter().enumerate() {
+        ahead(k, si);
+        let kv = &k[slot as usize * kv_dim..][..hd];
+        for (g, qv) in qs.chunks_exact(hd).enumerate() {
+            scores[g * n + si] = dot(qv, kv) * h.scale;
+        }
+    }
+    for head in scores.chunks_mut(n.max(1)) {
+        let max = head.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for s in head.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for s in head.iter_mut() {
+            *s /= sum;
+        }
+    }
+    let mut out = vec![0f32; groups * hd];
+    for (si, &slot) in slots.iter().enumerate() {
+        ahead(v, si);
+        let vv = &v[slot as usize * kv_dim..][..hd];
+        for (g, o) in out.chunks_exact_mut(hd).enumerate() {
+            let p = scores[g * n + si];
+            for (o, &x) in o.iter_mut().zip(vv) {
+                *o += p * x.f32();
+            }
+        }
+    }
+    out
+}
+
 /// A dot product over eight independent lanes, so it vectorises.
+#[inline(always)]
 fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8 * 8;
