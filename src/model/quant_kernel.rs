@@ -151,6 +151,12 @@ impl Rows16 {
             d: vec![0.0; blocks],
         };
         #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            // SAFETY: the CPU has AVX-512 F and BW.
+            unsafe { avx512::fill16(x, &mut rows.q, &mut rows.d) };
+            return rows;
+        }
+        #[cfg(target_arch = "x86_64")]
         if has_simd() {
             // SAFETY: the CPU has AVX2 and FMA.
             unsafe { rows.fill_avx2(x) };
@@ -654,6 +660,35 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The AVX-512 rounding of activations gives the scalar code's values, bit for bit, on
+    /// ordinary, all-zero, tiny, huge and non-finite blocks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_rounding_of_activations_matches_the_scalar_one() {
+        if !avx512::available() {
+            return;
+        }
+        let mut x = data(32 * 8, 12);
+        x[32..64].fill(0.0);
+        x[64..96].iter_mut().for_each(|v| *v *= 1e-37);
+        x[96..128].iter_mut().for_each(|v| *v *= 3e38);
+        x[130] = f32::INFINITY;
+        x[170] = f32::NAN;
+        x[200] = -0.0;
+        let mut scalar = Rows16 {
+            k: x.len(),
+            q: vec![0; x.len()],
+            d: vec![0.0; x.len() / 32],
+        };
+        scalar.fill(&x);
+        let (mut q, mut d) = (vec![0i16; x.len()], vec![0f32; x.len() / 32]);
+        // SAFETY: the CPU has AVX-512 F and BW (checked above).
+        unsafe { avx512::fill16(&x, &mut q, &mut d) };
+        assert_eq!(q, scalar.q);
+        let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&d), bits(&scalar.d));
     }
 
     #[test]
