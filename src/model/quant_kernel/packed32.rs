@@ -249,7 +249,11 @@ mod tests {
             assert_eq!(packed.matmul(&x, m, 4), got, "{dtype:?} m {m}: passes of 4");
             for i in 0..m {
                 let alone = packed.matmul(&x[i * k..(i + 1) * k], 1, 128);
-                assert_eq!(alone[..], got[i * n..(i + 1) * n], "{dtype:?} m {m} row {i}");
+                assert_eq!(
+                    alone[..],
+                    got[i * n..(i + 1) * n],
+                    "{dtype:?} m {m} row {i}"
+                );
             }
         }
         Ok(())

@@ -121,26 +121,33 @@ pub type PackedQ4K = PackedWeight<Q4kGroup>;
 pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4K> {
     let blocks = super::as_blocks::<BlockQ4K>(bytes)?;
     if !k.is_multiple_of(QK_K) || blocks.len() != n * (k / QK_K) {
-        bail!("{} q4k blocks do not make a [{n}, {k}] weight", blocks.len());
+        bail!(
+            "{} q4k blocks do not make a [{n}, {k}] weight",
+            blocks.len()
+        );
     }
     let kb = k / QK_K;
-    Ok(PackedWeight::new(n, k, |group: &mut Q4kGroup, row, bi, lane| {
-        let b = &blocks[row * kb + bi];
-        let sm = b.scales_mins();
-        for (scales, &sc) in group.scales.iter_mut().zip(&sm[..8]) {
-            scales[lane] = sc;
-        }
-        for p in 0..4 {
-            group.mins[p][2 * lane] = sm[8 + 2 * p];
-            group.mins[p][2 * lane + 1] = sm[8 + 2 * p + 1];
-            for gr in 0..8 {
-                let src = &b.qs[32 * p + 4 * gr..32 * p + 4 * gr + 4];
-                group.qs[8 * p + gr][4 * lane..4 * lane + 4].copy_from_slice(src);
+    Ok(PackedWeight::new(
+        n,
+        k,
+        |group: &mut Q4kGroup, row, bi, lane| {
+            let b = &blocks[row * kb + bi];
+            let sm = b.scales_mins();
+            for (scales, &sc) in group.scales.iter_mut().zip(&sm[..8]) {
+                scales[lane] = sc;
             }
-        }
-        group.d[lane] = u16::from_le_bytes(b.d);
-        group.dmin[lane] = u16::from_le_bytes(b.dmin);
-    }))
+            for p in 0..4 {
+                group.mins[p][2 * lane] = sm[8 + 2 * p];
+                group.mins[p][2 * lane + 1] = sm[8 + 2 * p + 1];
+                for gr in 0..8 {
+                    let src = &b.qs[32 * p + 4 * gr..32 * p + 4 * gr + 4];
+                    group.qs[8 * p + gr][4 * lane..4 * lane + 4].copy_from_slice(src);
+                }
+            }
+            group.d[lane] = u16::from_le_bytes(b.d);
+            group.dmin[lane] = u16::from_le_bytes(b.dmin);
+        },
+    ))
 }
 
 /// Activations rounded to 8 bits per super-block of 256 (GGML's `q8_K`).
@@ -174,7 +181,10 @@ impl Activations for Rows8 {
             d: vec![0.0; blocks],
             sums: vec![0; blocks * 8],
         };
-        if super::super::small_matmul::has_simd() {
+        if super::avx512::available() {
+            // SAFETY: the CPU has AVX-512 F and BW.
+            unsafe { rows.fill_avx512(x) };
+        } else if super::super::small_matmul::has_simd() {
             // SAFETY: the CPU has AVX2 and FMA.
             unsafe { rows.fill_avx2(x) };
         } else {
@@ -196,6 +206,55 @@ impl Activations for Rows8 {
 }
 
 impl Rows8 {
+    /// [`Rows8::fill`] a vector at a time: the same operations, so the same values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn fill_avx512(&mut self, x: &[f32]) {
+        let limit = _mm512_set1_ps(127.0);
+        let blocks = x.chunks_exact(QK_K).zip(self.q.chunks_exact_mut(QK_K));
+        let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(8));
+        for ((block, q), (d, sums)) in blocks.zip(rest) {
+            let v: [__m512; 16] =
+                std::array::from_fn(|i| _mm512_loadu_ps(block[16 * i..].as_ptr()));
+            let (mut amax, mut bad) = (_mm512_setzero_ps(), 0u16);
+            for v in v {
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+                // x - x is NaN exactly for infinities and NaNs.
+                let z = _mm512_sub_ps(v, v);
+                bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
+            }
+            let scale = _mm512_reduce_max_ps(amax) / 127.0;
+            let inv = if bad != 0 {
+                // The scalar code's values: x * 0 is 0, or NaN, which converts to 0.
+                q.fill(0);
+                sums.fill(0);
+                *d = f32::NAN;
+                continue;
+            } else if scale > 0.0 && (1.0 / scale).is_finite() {
+                1.0 / scale
+            } else {
+                0.0
+            };
+            *d = if inv == 0.0 { 0.0 } else { scale };
+            let inv = _mm512_set1_ps(inv);
+            for (j, sum) in sums.iter_mut().enumerate() {
+                let round = |v: __m512| {
+                    let y = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                        _mm512_mul_ps(v, inv),
+                    );
+                    let y = _mm512_max_ps(
+                        _mm512_min_ps(y, limit),
+                        _mm512_sub_ps(_mm512_setzero_ps(), limit),
+                    );
+                    _mm512_cvtps_epi32(y)
+                };
+                let (a, b) = (round(v[2 * j]), round(v[2 * j + 1]));
+                let out = q[32 * j..].as_mut_ptr() as *mut __m128i;
+                _mm_storeu_si128(out, _mm512_cvtepi32_epi8(a));
+                _mm_storeu_si128(out.add(1), _mm512_cvtepi32_epi8(b));
+                *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)) as i16;
+            }
+        }
+    }
 
     /// Compiled for AVX2, where rounding is one instruction (a libm call per value without);
     /// IEEE rounding makes both the same.
@@ -231,7 +290,7 @@ impl Rows8 {
 }
 
 /// Super-blocks ahead of the one being read that are prefetched.
-const PREFETCH_AHEAD: usize = 6;
+const PREFETCH_AHEAD: usize = 4;
 
 /// `R` activation rows against one group of 16 weight rows, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -438,6 +497,35 @@ mod tests {
         let got = packed.matmul(&x, 1, 128);
         assert!(got.iter().all(|v| v.is_nan()), "{got:?}");
         Ok(())
+    }
+
+    /// The AVX-512 rounding gives the scalar code's values, on ordinary, zero, tiny, huge and
+    /// non-finite super-blocks.
+    #[test]
+    fn simd_rounding_of_activations_matches_the_scalar_one() {
+        if !Q4kGroup::available() {
+            return;
+        }
+        let mut x = data(QK_K * 6, 13);
+        x[QK_K..2 * QK_K].fill(0.0);
+        x[2 * QK_K..3 * QK_K].iter_mut().for_each(|v| *v *= 1e-37);
+        x[3 * QK_K..4 * QK_K].iter_mut().for_each(|v| *v *= 3e38);
+        x[4 * QK_K + 7] = f32::NEG_INFINITY;
+        x[5 * QK_K + 100] = f32::NAN;
+        let empty = || Rows8 {
+            k: x.len(),
+            q: vec![0; x.len()],
+            d: vec![0.0; x.len() / QK_K],
+            sums: vec![0; x.len() / 32],
+        };
+        let (mut scalar, mut simd) = (empty(), empty());
+        scalar.fill(&x);
+        // SAFETY: `available()` implies AVX-512 F and BW.
+        unsafe { simd.fill_avx512(&x) };
+        assert_eq!(simd.q, scalar.q);
+        assert_eq!(simd.sums, scalar.sums);
+        let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&simd.d), bits(&scalar.d));
     }
 
     #[test]
