@@ -107,20 +107,29 @@ fn run<T: CacheElem>(
             bail!("decode attention: slot {s} outside the cache of {slots}");
         }
     }
-    // One task per (query, KV head): its `groups` query heads share the keys it reads.
+    // One task per query and run of KV heads: the whole run's part of each cache row is read
+    // in one go (contiguous lines, each page visited once), for all the query heads that use
+    // it. Runs are split finer only when there are too few queries to feed the pool. Every
+    // head's arithmetic is the same however the runs fall, so the split cannot change results.
+    let threads = rayon::current_num_threads().max(1);
+    let splits = (2 * threads)
+        .div_ceil(queries.len().max(1))
+        .clamp(1, h.num_kv_heads.max(1));
+    let per_task = h.num_kv_heads.div_ceil(splits).max(1);
     let tasks: Vec<(usize, usize)> = (0..queries.len())
-        .flat_map(|i| (0..h.num_kv_heads).map(move |kh| (i, kh)))
+        .flat_map(|i| (0..h.num_kv_heads).step_by(per_task).map(move |kh| (i, kh)))
         .collect();
     let task = |&(i, kh): &(usize, usize)| {
         let query = &queries[i];
-        let qs = &q[query.row * q_dim + kh * groups * hd..][..groups * hd];
+        let run = per_task.min(h.num_kv_heads - kh);
+        let qs = &q[query.row * q_dim + kh * groups * hd..][..run * groups * hd];
         let (k, v) = (&k[kh * hd..], &v[kh * hd..]);
         #[cfg(target_arch = "x86_64")]
         if super::small_matmul::has_simd() {
             // SAFETY: the CPU has AVX2, FMA and F16C.
-            return unsafe { kv_head_avx2(qs, k, v, query.slots, kv_dim, h) };
+            return unsafe { kv_heads_avx2(qs, k, v, query.slots, kv_dim, run, h) };
         }
-        kv_head(qs, k, v, query.slots, kv_dim, h)
+        kv_heads(qs, k, v, query.slots, kv_dim, run, h)
     };
     let work: usize = queries.iter().map(|q| q.slots.len()).sum::<usize>() * q_dim * 2;
     let parts: Vec<Vec<f32>> = if work < MIN_PARALLEL_WORK {
@@ -128,62 +137,68 @@ fn run<T: CacheElem>(
     } else {
         tasks.par_iter().map(task).collect()
     };
-    // Reassemble per query: KV head kh holds query heads kh * groups..(kh + 1) * groups.
+    // Reassemble per query: a run from KV head kh holds query heads from kh * groups on.
     let mut outs = Vec::with_capacity(queries.len());
-    for per_query in parts.chunks(h.num_kv_heads.max(1)) {
+    for per_query in parts.chunks(h.num_kv_heads.div_ceil(per_task).max(1)) {
         outs.push(per_query.concat());
     }
     Ok(outs)
 }
 
-/// How many slots ahead [`kv_head`] prefetches the cache rows it will read.
-const PREFETCH_SLOTS: usize = 8;
+/// How many slots ahead [`kv_heads`] prefetches the cache rows it will read.
+const PREFETCH_SLOTS: usize = 4;
 
-/// [`kv_head`] compiled for AVX2 (the same operations, 8 lanes at a time).
+/// [`kv_heads`] compiled for AVX2 (the same operations, 8 lanes at a time).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn kv_head_avx2<T: CacheElem>(
+unsafe fn kv_heads_avx2<T: CacheElem>(
     qs: &[f32],
     k: &[T],
     v: &[T],
     slots: &[u32],
     kv_dim: usize,
+    run: usize,
     h: Heads,
 ) -> Vec<f32> {
-    kv_head(qs, k, v, slots, kv_dim, h)
+    kv_heads(qs, k, v, slots, kv_dim, run, h)
 }
 
-/// The query heads `qs` (`groups * head_dim`) that share one KV head, against its keys and
-/// values (`k` / `v` start at the head's first element; a slot's row is `kv_dim` on). Each key
-/// and value row is read once for all the heads.
+/// `run` consecutive KV heads and the query heads `qs` that use them (`run * groups *
+/// head_dim`), against their keys and values (`k` / `v` start at the first head's first
+/// element; a slot's row is `kv_dim` on). Each slot's `run * head_dim` keys and values are
+/// read once, for all the query heads.
 #[inline(always)]
-fn kv_head<T: CacheElem>(
+fn kv_heads<T: CacheElem>(
     qs: &[f32],
     k: &[T],
     v: &[T],
     slots: &[u32],
     kv_dim: usize,
+    run: usize,
     h: Heads,
 ) -> Vec<f32> {
     let hd = h.head_dim;
-    let groups = qs.len() / hd.max(1);
+    let heads = qs.len() / hd.max(1);
+    let groups = heads / run.max(1);
     let n = slots.len();
-    let mut scores = vec![0f32; groups * n];
+    let width = run * hd;
+    let mut scores = vec![0f32; heads * n];
     // Rows are a head's slice of scattered cache slots: too short and far apart for the
     // hardware prefetcher, so fetch the rows a few slots ahead.
     let ahead = |rows: &[T], si: usize| {
         #[cfg(target_arch = "x86_64")]
         if let Some(&slot) = slots.get(si + PREFETCH_SLOTS) {
             let row = rows[slot as usize * kv_dim..].as_ptr() as *const u8;
-            super::small_matmul::prefetch_lines(row, hd * std::mem::size_of::<T>());
+            super::small_matmul::prefetch_lines(row, width * std::mem::size_of::<T>());
         }
         let _ = (rows, si);
     };
     for (si, &slot) in slots.iter().enumerate() {
         ahead(k, si);
-        let kv = &k[slot as usize * kv_dim..][..hd];
-        for (g, qv) in qs.chunks_exact(hd).enumerate() {
-            scores[g * n + si] = dot(qv, kv) * h.scale;
+        let row = &k[slot as usize * kv_dim..][..width];
+        for (j, qv) in qs.chunks_exact(hd).enumerate() {
+            let kv = &row[j / groups * hd..][..hd];
+            scores[j * n + si] = dot(qv, kv) * h.scale;
         }
     }
     for head in scores.chunks_mut(n.max(1)) {
@@ -197,12 +212,13 @@ fn kv_head<T: CacheElem>(
             *s /= sum;
         }
     }
-    let mut out = vec![0f32; groups * hd];
+    let mut out = vec![0f32; heads * hd];
     for (si, &slot) in slots.iter().enumerate() {
         ahead(v, si);
-        let vv = &v[slot as usize * kv_dim..][..hd];
-        for (g, o) in out.chunks_exact_mut(hd).enumerate() {
-            let p = scores[g * n + si];
+        let row = &v[slot as usize * kv_dim..][..width];
+        for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+            let vv = &row[j / groups * hd..][..hd];
+            let p = scores[j * n + si];
             for (o, &x) in o.iter_mut().zip(vv) {
                 *o += p * x.f32();
             }
@@ -296,6 +312,42 @@ mod tests {
                 for (g, e) in out.iter().zip(&want) {
                     assert!((g - e).abs() < 1e-5, "{dtype:?}: {g} vs {e}");
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// A query's output is bit-identical alone (its KV heads split over tasks) and among many
+    /// queries (one task each), with MQA, GQA and one-head-per-KV-head shapes.
+    #[test]
+    fn a_query_alone_and_batched_gets_the_same_bits() -> Result<()> {
+        for (num_heads, num_kv_heads) in [(8, 1), (8, 4), (6, 6)] {
+            let h = Heads {
+                num_heads,
+                num_kv_heads,
+                head_dim: 16,
+                scale: 0.25,
+            };
+            let (n, slots) = (12, 64);
+            let kv_dim = num_kv_heads * 16;
+            let q = data(n * num_heads * 16, 4);
+            let k = Tensor::from_vec(data(slots * kv_dim, 5), (slots, kv_dim), &Device::Cpu)?;
+            let v = Tensor::from_vec(data(slots * kv_dim, 6), (slots, kv_dim), &Device::Cpu)?;
+            let tables: Vec<Vec<u32>> = (0..n as u32)
+                .map(|i| (0..20 + i).map(|j| (j * 7 + i) % slots as u32).collect())
+                .collect();
+            let queries: Vec<Query> = tables
+                .iter()
+                .enumerate()
+                .map(|(row, slots)| Query { row, slots })
+                .collect();
+            let batched = attend(&q, &k, &v, &queries, h)?;
+            for (i, query) in queries.iter().enumerate() {
+                let alone = attend(&q, &k, &v, std::slice::from_ref(query), h)?;
+                assert_eq!(
+                    alone[0], batched[i],
+                    "{num_heads}/{num_kv_heads} heads, query {i}"
+                );
             }
         }
         Ok(())
