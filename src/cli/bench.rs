@@ -88,6 +88,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1024)]
     pub matmul_size: usize,
 
+    /// Decode measurements per concurrency, interleaved (1, 4, 16, .., then again), each with
+    /// its own bandwidth reading; the round with the median decode rate is reported. On a
+    /// machine whose bandwidth drifts, ratios between concurrencies need more than one.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+
     /// Write one JSON object per line per configuration to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -113,9 +119,11 @@ struct Row {
     decode_tok_s: f64,
     roofline: Roofline,
     roofline_tok_s: f64,
-    /// The memory read bandwidth measured before this row's configuration.
+    /// The memory read bandwidth measured before this row's configuration (or round).
     bandwidth_gb_s: f64,
     peak_rss_mb: Option<f64>,
+    /// Decode tok/s of every round, in order (the row is the median one's).
+    rounds_tok_s: Vec<f64>,
 }
 
 impl Row {
@@ -198,32 +206,47 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let prefill_tok_s = args.prompt_tokens as f64 / prefill_ttft_s;
         let prefill_flops = prefill_flops(&cfg, args.prompt_tokens);
 
-        for &c in &args.concurrency {
-            let can_reset = reset_peak_rss();
-            let prompts = (0..c)
-                .map(|_| next_prompt(args.decode_prompt_tokens))
-                .collect();
-            let times = run_batch(&engine, prompts, args.decode_tokens)?;
-            let s = summarize(&times)
-                .with_context(|| format!("concurrency {c}: too few tokens to time decoding"))?;
-            // Mean context over the decode steps: the prompt, then half the new tokens.
-            let avg_context = (args.decode_prompt_tokens + 1) as f64
-                + (args.decode_tokens.saturating_sub(1)) as f64 / 2.0;
-            let roofline = Roofline::new(&cfg, dtype, quant, c, avg_context);
-            let row = Row {
-                dtype,
-                quant,
-                concurrency: c,
-                prefill_tok_s,
-                prefill_ttft_s,
-                prefill_flops,
-                matmul_peak_gflop_s: matmul_peak / 1e9,
-                ttft_s: s.mean_ttft_s,
-                decode_tok_s: s.decode_tok_s,
-                roofline_tok_s: c as f64 * bandwidth / roofline.bytes_per_step,
-                roofline,
-                bandwidth_gb_s: bandwidth / 1e9,
-                peak_rss_mb: rss_mb("VmHWM").filter(|_| can_reset),
+        let mut measured: Vec<Vec<Row>> = vec![Vec::new(); args.concurrency.len()];
+        for round in 0..args.rounds {
+            // Later rounds read the bandwidth again: it drifts while the rounds run.
+            let bandwidth = if round == 0 {
+                bandwidth
+            } else {
+                memory_bandwidth(args.bandwidth_buffer, threads)?
+            };
+            for (rows, &c) in measured.iter_mut().zip(&args.concurrency) {
+                let can_reset = reset_peak_rss();
+                let prompts = (0..c)
+                    .map(|_| next_prompt(args.decode_prompt_tokens))
+                    .collect();
+                let times = run_batch(&engine, prompts, args.decode_tokens)?;
+                let s = summarize(&times)
+                    .with_context(|| format!("concurrency {c}: too few tokens to time decoding"))?;
+                // Mean context over the decode steps: the prompt, then half the new tokens.
+                let avg_context = (args.decode_prompt_tokens + 1) as f64
+                    + (args.decode_tokens.saturating_sub(1)) as f64 / 2.0;
+                let roofline = Roofline::new(&cfg, dtype, quant, c, avg_context);
+                rows.push(Row {
+                    dtype,
+                    quant,
+                    concurrency: c,
+                    prefill_tok_s,
+                    prefill_ttft_s,
+                    prefill_flops,
+                    matmul_peak_gflop_s: matmul_peak / 1e9,
+                    ttft_s: s.mean_ttft_s,
+                    decode_tok_s: s.decode_tok_s,
+                    roofline_tok_s: c as f64 * bandwidth / roofline.bytes_per_step,
+                    roofline,
+                    bandwidth_gb_s: bandwidth / 1e9,
+                    peak_rss_mb: rss_mb("VmHWM").filter(|_| can_reset),
+                    rounds_tok_s: Vec::new(),
+                });
+            }
+        }
+        for rows in measured {
+            let Some(row) = median_round(rows) else {
+                continue;
             };
             print_row(&row);
             if let Some(out) = json.as_mut() {
@@ -238,7 +261,20 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The round with the median decode rate (the lower of the middle two for an even count),
+/// carrying every round's rate.
+fn median_round(mut rows: Vec<Row>) -> Option<Row> {
+    let rates: Vec<f64> = rows.iter().map(|r| r.decode_tok_s).collect();
+    rows.sort_by(|a, b| a.decode_tok_s.total_cmp(&b.decode_tok_s));
+    let mut row = rows.into_iter().nth(rates.len().saturating_sub(1) / 2)?;
+    row.rounds_tok_s = rates;
+    Some(row)
+}
+
 fn validate(args: &BenchArgs) -> Result<()> {
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     if args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--concurrency needs numbers of at least 1");
     }
@@ -647,11 +683,13 @@ fn print_header(
         args.decode_prompt_tokens, args.decode_tokens
     );
     println!(
-        "roofline: bytes/step = per layer (attention + router + norms + X experts) + LM head (f32) \
+        "roofline: bytes/step = per layer (attention + router + norms + X experts) + LM head (f32, or \
+         quantized with --quant) \
          + embeddings + KV cache read (N x mean context x kv_dim x 2 x layers x dtype size), \
          X = E(1 - (1 - k/E)^N) distinct experts per layer (uniform routing); roofline tok/s = \
          N x bandwidth / bytes/step; bandwidth (GB/s) = memory read bandwidth measured before \
-         each configuration ({} streamed by {threads} threads, best of 3)",
+         each configuration and each --rounds round ({} streamed by {threads} threads, best of \
+         3); with --rounds, the round with the median decode tok/s is shown",
         bytesize::ByteSize(args.bandwidth_buffer)
     );
     println!("peak RSS: VmHWM during each configuration (reset before it)");
@@ -692,6 +730,10 @@ fn print_row(r: &Row) {
         100.0 * r.decode_tok_s / r.roofline_tok_s,
         r.peak_rss_mb.map_or("n/a".into(), |m| format!("{m:.0}")),
     );
+    if r.rounds_tok_s.len() > 1 {
+        let rounds: Vec<String> = r.rounds_tok_s.iter().map(|v| format!("{v:.1}")).collect();
+        println!("{:>11} decode tok/s by round: {}", "", rounds.join(" / "));
+    }
 }
 
 fn json_line(name: &str, r: &Row, load_peak: Option<f64>) -> serde_json::Value {
@@ -715,12 +757,43 @@ fn json_line(name: &str, r: &Row, load_peak: Option<f64>) -> serde_json::Value {
         "bytes_per_step": r.roofline.bytes_per_step,
         "experts_per_layer_step": r.roofline.experts_per_layer,
         "load_peak_rss_mb": load_peak,
+        "decode_tok_s_rounds": r.rounds_tok_s,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_round_is_reported_with_every_rounds_rate() {
+        let kind = SyntheticKind::Mixtral;
+        let json = synthetic::config_json(kind, kind.full_dims());
+        let cfg = MoeConfig::from_json_str(&json, "config.json").unwrap();
+        let row = |rate: f64, bandwidth: f64| Row {
+            dtype: DType::F32,
+            quant: None,
+            concurrency: 1,
+            prefill_tok_s: 1.0,
+            prefill_ttft_s: 1.0,
+            prefill_flops: 1.0,
+            matmul_peak_gflop_s: 1.0,
+            ttft_s: 0.1,
+            decode_tok_s: rate,
+            roofline: Roofline::new(&cfg, DType::F32, None, 1, 1.0),
+            roofline_tok_s: 50.0,
+            bandwidth_gb_s: bandwidth,
+            peak_rss_mb: None,
+            rounds_tok_s: Vec::new(),
+        };
+        let median = median_round(vec![row(40.0, 1.0), row(60.0, 2.0), row(45.0, 3.0)]).unwrap();
+        // The median round's own bandwidth comes with it; all rates in their order.
+        assert_eq!((median.decode_tok_s, median.bandwidth_gb_s), (45.0, 3.0));
+        assert_eq!(median.rounds_tok_s, vec![40.0, 60.0, 45.0]);
+        let even = median_round(vec![row(40.0, 1.0), row(60.0, 2.0)]).unwrap();
+        assert_eq!(even.decode_tok_s, 40.0);
+        assert!(median_round(Vec::new()).is_none());
+    }
 
     #[test]
     fn distinct_experts_follow_uniform_routing() {
