@@ -280,16 +280,20 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod packed;
 #[cfg(target_arch = "x86_64")]
-mod packed32;
+mod q4_0;
 #[cfg(target_arch = "x86_64")]
 pub mod q4k;
+#[cfg(target_arch = "x86_64")]
+mod q8_0;
+#[cfg(target_arch = "x86_64")]
+mod rows8;
 
 /// A quantized weight packed on load for this CPU's VNNI kernels (see `packed.rs`).
 #[cfg(target_arch = "x86_64")]
 pub enum Packed {
     Q4K(q4k::PackedQ4K),
-    Q8_0(packed32::PackedQ8_0),
-    Q4_0(packed32::PackedQ4_0),
+    Q8_0(q8_0::PackedQ8_0),
+    Q4_0(q4_0::PackedQ4_0),
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -306,11 +310,11 @@ impl Packed {
             GgmlDType::Q4K if q4k::Q4kGroup::available() => {
                 Some(Self::Q4K(q4k::pack(&q.data()?, n, k)?))
             }
-            GgmlDType::Q8_0 if packed32::Q8Group::available() => {
-                Some(Self::Q8_0(packed32::pack_q8_0(&q.data()?, n, k)?))
+            GgmlDType::Q8_0 if q8_0::Q8Group::available() => {
+                Some(Self::Q8_0(q8_0::pack(&q.data()?, n, k)?))
             }
-            GgmlDType::Q4_0 if packed32::Q4Group::available() => {
-                Some(Self::Q4_0(packed32::pack_q4_0(&q.data()?, n, k)?))
+            GgmlDType::Q4_0 if q4_0::Q4Group::available() => {
+                Some(Self::Q4_0(q4_0::pack(&q.data()?, n, k)?))
             }
             _ => None,
         })

@@ -11,7 +11,8 @@
 //! super-block, the mins folded in through each activation sub-block's sum.
 
 use super::super::small_matmul::prefetch_lines;
-use super::packed::{Activations, Group, PackedWeight, LANES};
+use super::packed::{Group, PackedWeight, LANES};
+use super::rows8::{Row8, Rows8};
 use super::RawBlock;
 use candle_core::{bail, Result};
 use std::arch::x86_64::*;
@@ -98,7 +99,7 @@ impl Group for Q4kGroup {
         d: [0; 16],
         dmin: [0; 16],
     };
-    type Acts = Rows8;
+    type Acts = Rows8<QK_K>;
 
     /// AVX-512 F, BW and VNNI.
     fn available() -> bool {
@@ -148,145 +149,6 @@ pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4K> {
             group.dmin[lane] = u16::from_le_bytes(b.dmin);
         },
     ))
-}
-
-/// Activations rounded to 8 bits per super-block of 256 (GGML's `q8_K`).
-pub struct Rows8 {
-    k: usize,
-    /// `[m, k]`.
-    q: Vec<i8>,
-    /// `[m, k / 256]`: value = q * d.
-    d: Vec<f32>,
-    /// `[m, k / 32]`: each sub-block's sum of q (for the mins).
-    sums: Vec<i16>,
-}
-
-/// One row of [`Rows8`].
-#[derive(Clone, Copy)]
-pub struct Row8<'a> {
-    q: &'a [i8],
-    d: &'a [f32],
-    sums: &'a [i16],
-}
-
-impl Activations for Rows8 {
-    type Row<'a> = Row8<'a>;
-
-    /// `x`: `[m, k]` row-major, `k` a multiple of 256.
-    fn new(x: &[f32], k: usize) -> Self {
-        let blocks = x.len() / QK_K;
-        let mut rows = Self {
-            k,
-            q: vec![0; blocks * QK_K],
-            d: vec![0.0; blocks],
-            sums: vec![0; blocks * 8],
-        };
-        if super::avx512::available() {
-            // SAFETY: the CPU has AVX-512 F and BW.
-            unsafe { rows.fill_avx512(x) };
-        } else if super::super::small_matmul::has_simd() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            unsafe { rows.fill_avx2(x) };
-        } else {
-            rows.fill(x);
-        }
-        rows
-    }
-
-    fn rows(&self) -> Vec<Row8<'_>> {
-        let (kb, ks) = (self.k / QK_K, self.k / 32);
-        (0..self.q.len() / self.k.max(1))
-            .map(|i| Row8 {
-                q: &self.q[i * self.k..(i + 1) * self.k],
-                d: &self.d[i * kb..(i + 1) * kb],
-                sums: &self.sums[i * ks..(i + 1) * ks],
-            })
-            .collect()
-    }
-}
-
-impl Rows8 {
-    /// [`Rows8::fill`] a vector at a time: the same operations, so the same values.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn fill_avx512(&mut self, x: &[f32]) {
-        let limit = _mm512_set1_ps(127.0);
-        let blocks = x.chunks_exact(QK_K).zip(self.q.chunks_exact_mut(QK_K));
-        let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(8));
-        for ((block, q), (d, sums)) in blocks.zip(rest) {
-            let v: [__m512; 16] =
-                std::array::from_fn(|i| _mm512_loadu_ps(block[16 * i..].as_ptr()));
-            let (mut amax, mut bad) = (_mm512_setzero_ps(), 0u16);
-            for v in v {
-                amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-                // x - x is NaN exactly for infinities and NaNs.
-                let z = _mm512_sub_ps(v, v);
-                bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
-            }
-            let scale = _mm512_reduce_max_ps(amax) / 127.0;
-            let inv = if bad != 0 {
-                // The scalar code's values: x * 0 is 0, or NaN, which converts to 0.
-                q.fill(0);
-                sums.fill(0);
-                *d = f32::NAN;
-                continue;
-            } else if scale > 0.0 && (1.0 / scale).is_finite() {
-                1.0 / scale
-            } else {
-                0.0
-            };
-            *d = if inv == 0.0 { 0.0 } else { scale };
-            let inv = _mm512_set1_ps(inv);
-            for (j, sum) in sums.iter_mut().enumerate() {
-                let round = |v: __m512| {
-                    let y = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                        _mm512_mul_ps(v, inv),
-                    );
-                    let y = _mm512_max_ps(
-                        _mm512_min_ps(y, limit),
-                        _mm512_sub_ps(_mm512_setzero_ps(), limit),
-                    );
-                    _mm512_cvtps_epi32(y)
-                };
-                let (a, b) = (round(v[2 * j]), round(v[2 * j + 1]));
-                let out = q[32 * j..].as_mut_ptr() as *mut __m128i;
-                _mm_storeu_si128(out, _mm512_cvtepi32_epi8(a));
-                _mm_storeu_si128(out.add(1), _mm512_cvtepi32_epi8(b));
-                *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)) as i16;
-            }
-        }
-    }
-
-    /// Compiled for AVX2, where rounding is one instruction (a libm call per value without);
-    /// IEEE rounding makes both the same.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fill_avx2(&mut self, x: &[f32]) {
-        self.fill(x)
-    }
-
-    #[inline(always)]
-    fn fill(&mut self, x: &[f32]) {
-        let blocks = x.chunks_exact(QK_K).zip(self.q.chunks_exact_mut(QK_K));
-        let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(8));
-        for ((block, q), (d, sums)) in blocks.zip(rest) {
-            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let (scale, inv) = if !block.iter().all(|v| v.is_finite()) {
-                // Non-finite activations make the scale NaN, so the output says so.
-                (f32::NAN, 0.0)
-            } else if scale > 0.0 && (1.0 / scale).is_finite() {
-                (scale, 1.0 / scale)
-            } else {
-                (0.0, 0.0)
-            };
-            for (q, v) in q.iter_mut().zip(block) {
-                *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-            }
-            for (sum, q) in sums.iter_mut().zip(q.chunks_exact(32)) {
-                *sum = q.iter().map(|&v| v as i16).sum();
-            }
-            *d = scale;
-        }
-    }
 }
 
 /// Super-blocks ahead of the one being read that are prefetched.
@@ -381,6 +243,7 @@ pub fn scalar_products(xs: &[Row8<'_>], w: &[BlockQ4K], n: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::packed::Activations;
     use super::*;
     use crate::model::test_data::data;
     use candle_core::quantized::{GgmlDType, QTensor};
@@ -422,7 +285,7 @@ mod tests {
         let blocks = super::super::as_blocks::<BlockQ4K>(&bytes)?;
         for m in [1, 2, 3, 4, 5, 7, 9] {
             let x = data(m * k, m as u32);
-            let acts = Rows8::new(&x, k);
+            let acts = Rows8::<QK_K>::new(&x, k);
             let want = scalar_products(&acts.rows(), blocks, n);
             let got = packed.matmul(&x, m, 128);
             assert_eq!(got.len(), want.len());
@@ -497,35 +360,6 @@ mod tests {
         let got = packed.matmul(&x, 1, 128);
         assert!(got.iter().all(|v| v.is_nan()), "{got:?}");
         Ok(())
-    }
-
-    /// The AVX-512 rounding gives the scalar code's values, on ordinary, zero, tiny, huge and
-    /// non-finite super-blocks.
-    #[test]
-    fn simd_rounding_of_activations_matches_the_scalar_one() {
-        if !Q4kGroup::available() {
-            return;
-        }
-        let mut x = data(QK_K * 6, 13);
-        x[QK_K..2 * QK_K].fill(0.0);
-        x[2 * QK_K..3 * QK_K].iter_mut().for_each(|v| *v *= 1e-37);
-        x[3 * QK_K..4 * QK_K].iter_mut().for_each(|v| *v *= 3e38);
-        x[4 * QK_K + 7] = f32::NEG_INFINITY;
-        x[5 * QK_K + 100] = f32::NAN;
-        let empty = || Rows8 {
-            k: x.len(),
-            q: vec![0; x.len()],
-            d: vec![0.0; x.len() / QK_K],
-            sums: vec![0; x.len() / 32],
-        };
-        let (mut scalar, mut simd) = (empty(), empty());
-        scalar.fill(&x);
-        // SAFETY: `available()` implies AVX-512 F and BW.
-        unsafe { simd.fill_avx512(&x) };
-        assert_eq!(simd.q, scalar.q);
-        assert_eq!(simd.sums, scalar.sums);
-        let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&simd.d), bits(&scalar.d));
     }
 
     #[test]

@@ -1,0 +1,186 @@
+//! Activations rounded to 8 bits for the VNNI kernels (`vpdpbusd` multiplies unsigned 8-bit
+//! weights by signed 8-bit activations): one scale per block of `B` values, as GGML rounds
+//! them for its 4-bit formats.
+
+use super::packed::Activations;
+use std::arch::x86_64::*;
+
+/// Activations rounded to 8 bits per block of `B` values (GGML's `q8_K` for `B` = 256, its
+/// `q8_0` for 32), with the sum of every 32 rounded values (for the weights' mins or offsets).
+pub struct Rows8<const B: usize> {
+    k: usize,
+    /// `[m, k]`.
+    q: Vec<i8>,
+    /// `[m, k / B]`: value = q * d.
+    d: Vec<f32>,
+    /// `[m, k / 32]`: each 32 values' sum of q.
+    sums: Vec<i16>,
+}
+
+/// One row of [`Rows8`].
+#[derive(Clone, Copy)]
+pub struct Row8<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub sums: &'a [i16],
+}
+
+impl<const B: usize> Activations for Rows8<B> {
+    type Row<'a> = Row8<'a>;
+
+    /// `x`: `[m, k]` row-major, `k` a multiple of `B`.
+    fn new(x: &[f32], k: usize) -> Self {
+        let blocks = x.len() / B;
+        let mut rows = Self {
+            k,
+            q: vec![0; blocks * B],
+            d: vec![0.0; blocks],
+            sums: vec![0; blocks * B / 32],
+        };
+        if super::avx512::available() {
+            // SAFETY: the CPU has AVX-512 F and BW.
+            unsafe { rows.fill_avx512(x) };
+        } else if super::super::small_matmul::has_simd() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { rows.fill_avx2(x) };
+        } else {
+            rows.fill(x);
+        }
+        rows
+    }
+
+    fn rows(&self) -> Vec<Row8<'_>> {
+        let (kb, ks) = (self.k / B, self.k / 32);
+        (0..self.q.len() / self.k.max(1))
+            .map(|i| Row8 {
+                q: &self.q[i * self.k..(i + 1) * self.k],
+                d: &self.d[i * kb..(i + 1) * kb],
+                sums: &self.sums[i * ks..(i + 1) * ks],
+            })
+            .collect()
+    }
+}
+
+impl<const B: usize> Rows8<B> {
+    /// [`Rows8::fill`] a vector at a time: the same operations, so the same values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn fill_avx512(&mut self, x: &[f32]) {
+        let limit = _mm512_set1_ps(127.0);
+        let blocks = x.chunks_exact(B).zip(self.q.chunks_exact_mut(B));
+        let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(B / 32));
+        for ((block, q), (d, sums)) in blocks.zip(rest) {
+            let v = |i: usize| _mm512_loadu_ps(block[16 * i..].as_ptr());
+            let (mut amax, mut bad) = (_mm512_setzero_ps(), 0u16);
+            for i in 0..B / 16 {
+                let v = v(i);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+                // x - x is NaN exactly for infinities and NaNs.
+                let z = _mm512_sub_ps(v, v);
+                bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
+            }
+            let scale = _mm512_reduce_max_ps(amax) / 127.0;
+            let inv = if bad != 0 {
+                // The scalar code's values: x * 0 is 0, or NaN, which converts to 0.
+                q.fill(0);
+                sums.fill(0);
+                *d = f32::NAN;
+                continue;
+            } else if scale > 0.0 && (1.0 / scale).is_finite() {
+                1.0 / scale
+            } else {
+                0.0
+            };
+            *d = if inv == 0.0 { 0.0 } else { scale };
+            let inv = _mm512_set1_ps(inv);
+            for (j, sum) in sums.iter_mut().enumerate() {
+                let round = |v: __m512| {
+                    let y = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                        _mm512_mul_ps(v, inv),
+                    );
+                    let y = _mm512_max_ps(
+                        _mm512_min_ps(y, limit),
+                        _mm512_sub_ps(_mm512_setzero_ps(), limit),
+                    );
+                    _mm512_cvtps_epi32(y)
+                };
+                let (a, b) = (round(v(2 * j)), round(v(2 * j + 1)));
+                let out = q[32 * j..].as_mut_ptr() as *mut __m128i;
+                _mm_storeu_si128(out, _mm512_cvtepi32_epi8(a));
+                _mm_storeu_si128(out.add(1), _mm512_cvtepi32_epi8(b));
+                *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)) as i16;
+            }
+        }
+    }
+
+    /// Compiled for AVX2, where rounding is one instruction (a libm call per value without);
+    /// IEEE rounding makes both the same.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fill_avx2(&mut self, x: &[f32]) {
+        self.fill(x)
+    }
+
+    #[inline(always)]
+    fn fill(&mut self, x: &[f32]) {
+        let blocks = x.chunks_exact(B).zip(self.q.chunks_exact_mut(B));
+        let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(B / 32));
+        for ((block, q), (d, sums)) in blocks.zip(rest) {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let (scale, inv) = if !block.iter().all(|v| v.is_finite()) {
+                // Non-finite activations make the scale NaN, so the output says so.
+                (f32::NAN, 0.0)
+            } else if scale > 0.0 && (1.0 / scale).is_finite() {
+                (scale, 1.0 / scale)
+            } else {
+                (0.0, 0.0)
+            };
+            for (q, v) in q.iter_mut().zip(block) {
+                *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+            }
+            for (sum, q) in sums.iter_mut().zip(q.chunks_exact(32)) {
+                *sum = q.iter().map(|&v| v as i16).sum();
+            }
+            *d = scale;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_data::data;
+
+    /// The AVX-512 rounding gives the scalar code's values, on ordinary, zero, tiny, huge and
+    /// non-finite super-blocks.
+    #[test]
+    fn simd_rounding_of_activations_matches_the_scalar_one() {
+        check::<256>();
+        check::<32>();
+    }
+
+    fn check<const B: usize>() {
+        if !super::super::avx512::available() {
+            return;
+        }
+        let mut x = data(B * 6, 13);
+        x[B..2 * B].fill(0.0);
+        x[2 * B..3 * B].iter_mut().for_each(|v| *v *= 1e-37);
+        x[3 * B..4 * B].iter_mut().for_each(|v| *v *= 3e38);
+        x[4 * B + 7] = f32::NEG_INFINITY;
+        x[5 * B + B / 2] = f32::NAN;
+        let empty = || Rows8::<B> {
+            k: x.len(),
+            q: vec![0; x.len()],
+            d: vec![0.0; x.len() / B],
+            sums: vec![0; x.len() / 32],
+        };
+        let (mut scalar, mut simd) = (empty(), empty());
+        scalar.fill(&x);
+        // SAFETY: `available()` implies AVX-512 F and BW.
+        unsafe { simd.fill_avx512(&x) };
+        assert_eq!(simd.q, scalar.q);
+        assert_eq!(simd.sums, scalar.sums);
+        let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&simd.d), bits(&scalar.d));
+    }
+}
