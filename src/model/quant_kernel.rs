@@ -1,4 +1,8 @@
-//! Integer kernels for GGML-quantized weights (q8_0, q4_0) in decode-sized products.
+//! Integer kernels for GGML-quantized weights on the CPU.
+//!
+//! On CPUs with AVX-512 VNNI every format is packed on load for the kernels in `packed.rs`
+//! and its neighbours ([`Packed`]); this file holds the unpacked kernels other x86 CPUs use
+//! for q8_0 and q4_0 (q4k then goes to candle's), and the blocks and activations both share.
 //!
 //! GGML's own kernels (candle's `QMatMul`) round the activations to 8 bits per block; on the
 //! reference fixtures that alone moved q8_0 prompt logprobs by up to 0.29. Widening the
@@ -9,9 +13,8 @@
 //! one float scale per block and row. Integer sums are exact and each row's float
 //! accumulation runs in a fixed order, so a row's result is the same alone or batched.
 //!
-//! q4k stays on candle's kernels (8-bit activations, whose error is small next to 4-bit
-//! weights'): a 16-bit q4k kernel here matched them on one sequence but was 1.5x slower at 16
-//! and could not use their integer prefill (bench/NOTES.md).
+//! The 4-bit formats' packed kernels round activations to 8 bits as GGML does (their error
+//! is small next to 4-bit weights'); q8_0's keeps them at 16 bits.
 
 use super::small_matmul::{has_simd, products};
 use candle_core::quantized::{GgmlDType, QTensor};

@@ -91,12 +91,20 @@ unsafe fn rows<const R: usize>(xs: &[Row16<'_>], groups: &[Q8Group], out: &mut [
         );
         // Two accumulators per row: the pairs alternate between them, halving the chain.
         let mut s = [[_mm512_setzero_si512(); 2]; R];
-        for (j, w) in g.w.iter().enumerate() {
-            let w = _mm512_cvtepi8_epi16(_mm256_load_si256(w.as_ptr() as *const __m256i));
+        for (j, pair) in g.w.chunks_exact(2).enumerate() {
+            let w = |t: usize| {
+                _mm512_cvtepi8_epi16(_mm256_load_si256(pair[t].as_ptr() as *const __m256i))
+            };
+            let (w0, w1) = (w(0), w(1));
             for r in 0..R {
-                // Activations 2j and 2j + 1, as one 32-bit lane.
-                let x = std::ptr::read_unaligned(xq[r].add(bi * QK + 2 * j) as *const i32);
-                s[r][j % 2] = _mm512_dpwssd_epi32(s[r][j % 2], w, _mm512_set1_epi32(x));
+                // Activations 4j..4j + 4: two pairs, each one 32-bit lane.
+                let x = xq[r].add(bi * QK + 4 * j) as *const i32;
+                let (x0, x1) = (
+                    std::ptr::read_unaligned(x),
+                    std::ptr::read_unaligned(x.add(1)),
+                );
+                s[r][0] = _mm512_dpwssd_epi32(s[r][0], w0, _mm512_set1_epi32(x0));
+                s[r][1] = _mm512_dpwssd_epi32(s[r][1], w1, _mm512_set1_epi32(x1));
             }
         }
         let d = _mm512_cvtph_ps(_mm256_load_si256(g.d.as_ptr() as *const __m256i));
