@@ -115,6 +115,21 @@ pub fn as_blocks<B: RawBlock>(bytes: &[u8]) -> Result<&[B]> {
     Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, bytes.len() / size) })
 }
 
+/// The scale and its inverse that round a block of activations whose largest magnitude is
+/// `amax` onto integers in `-levels..=levels`: a NaN scale for a block with a non-finite
+/// value (so the output says so), zero for an all-zero block or one so close to zero that
+/// the inverse overflows. Shared by every rounding, scalar and SIMD, so they agree bit for bit.
+pub(super) fn block_scale(amax: f32, finite: bool, levels: f32) -> (f32, f32) {
+    let scale = amax / levels;
+    if !finite {
+        (f32::NAN, 0.0)
+    } else if scale > 0.0 && (1.0 / scale).is_finite() {
+        (scale, 1.0 / scale)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
 /// Activations rounded to 16 bits per block of 32.
 pub struct Rows16 {
     k: usize,
@@ -182,16 +197,8 @@ impl Rows16 {
         let blocks = x.chunks_exact(32).zip(self.q.chunks_exact_mut(32));
         for ((block, q), d) in blocks.zip(self.d.iter_mut()) {
             let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 32767.0;
-            let (scale, inv) = if !block.iter().all(|v| v.is_finite()) {
-                // Non-finite activations make the scale NaN, so the output says so.
-                (f32::NAN, 0.0)
-            } else if scale > 0.0 && (1.0 / scale).is_finite() {
-                (scale, 1.0 / scale)
-            } else {
-                // All zero, or so close to it (below ~1e-34) that it rounds to zero.
-                (0.0, 0.0)
-            };
+            let finite = block.iter().all(|v| v.is_finite());
+            let (scale, inv) = block_scale(amax, finite, 32767.0);
             for (q, v) in q.iter_mut().zip(block) {
                 *q = (v * inv).round_ties_even().clamp(-32767.0, 32767.0) as i16;
             }

@@ -32,19 +32,15 @@ pub unsafe fn fill16(x: &[f32], q: &mut [i16], d: &mut [f32]) {
         // x - x is NaN exactly for infinities and NaNs.
         let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(_mm512_sub_ps(a, a), _mm512_sub_ps(b, b));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-        let scale = amax / 32767.0;
         let out = q.as_mut_ptr().add(bi * 32) as *mut __m256i;
-        let (scale, inv) = if bad != 0 {
+        let (scale, inv) = super::block_scale(amax, bad == 0, 32767.0);
+        if bad != 0 {
             // The scalar code's values: x * 0 is 0, or NaN, which converts to 0.
             _mm256_storeu_si256(out, _mm256_setzero_si256());
             _mm256_storeu_si256(out.add(1), _mm256_setzero_si256());
-            *d = f32::NAN;
+            *d = scale;
             continue;
-        } else if scale > 0.0 && (1.0 / scale).is_finite() {
-            (scale, 1.0 / scale)
-        } else {
-            (0.0, 0.0)
-        };
+        }
         let inv = _mm512_set1_ps(inv);
         let round = |v: __m512| {
             let y = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(

@@ -4,10 +4,30 @@
 //! columns, so a row's result is the same instruction sequence whatever its batch.
 
 use super::super::small_matmul::{SharedOut, MIN_WEIGHTS_PER_TASK};
+use super::{as_blocks, RawBlock};
+use candle_core::{bail, Result};
 use rayon::prelude::*;
 
 /// Weight rows interleaved in one group.
 pub const LANES: usize = 16;
+
+/// Whether the CPU has what every packed kernel needs: AVX-512 F and BW, and VNNI.
+pub fn vnni() -> bool {
+    super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
+}
+
+/// candle's bytes (`QTensor::data`) of an `[n, k]` weight as its blocks of `per` weights,
+/// checked to be exactly that weight.
+pub fn weight_blocks<B: RawBlock>(bytes: &[u8], n: usize, k: usize, per: usize) -> Result<&[B]> {
+    let blocks = as_blocks::<B>(bytes)?;
+    if !k.is_multiple_of(per) || blocks.len() != n * (k / per) {
+        bail!(
+            "{} blocks of {per} do not make a [{n}, {k}] weight",
+            blocks.len()
+        );
+    }
+    Ok(blocks)
+}
 
 /// A weight `[n, k]` as `ceil(n / 16)` runs of `k / G::INPUTS` groups (rows past `n` zero).
 pub struct PackedWeight<G> {

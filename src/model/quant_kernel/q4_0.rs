@@ -6,9 +6,9 @@
 
 use super::super::small_matmul::prefetch_lines;
 use super::packed::{Group, PackedWeight, LANES};
-use super::rows8::{Row8, Rows8};
-use super::{as_blocks, BlockQ4_0};
-use candle_core::{bail, Result};
+use super::rows8::{Row8, RowPtrs, Rows8};
+use super::BlockQ4_0;
+use candle_core::Result;
 use std::arch::x86_64::*;
 
 /// Inputs per block.
@@ -37,7 +37,7 @@ impl Group for Q4Group {
     type Acts = Rows8<QK>;
 
     fn available() -> bool {
-        super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
+        super::packed::vnni()
     }
 
     fn holds(x: &Row8<'_>, k: usize) -> bool {
@@ -54,13 +54,7 @@ pub type PackedQ4_0 = PackedWeight<Q4Group>;
 
 /// Packs candle's q4_0 bytes (`QTensor::data`) of an `[n, k]` weight.
 pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4_0> {
-    let blocks = as_blocks::<BlockQ4_0>(bytes)?;
-    if !k.is_multiple_of(QK) || blocks.len() != n * (k / QK) {
-        bail!(
-            "{} q4_0 blocks do not make a [{n}, {k}] weight",
-            blocks.len()
-        );
-    }
+    let blocks = super::packed::weight_blocks::<BlockQ4_0>(bytes, n, k, QK)?;
     let kb = k / QK;
     Ok(PackedWeight::new(n, k, |g: &mut Q4Group, row, bi, lane| {
         let b = &blocks[row * kb + bi];
@@ -77,14 +71,11 @@ const PREFETCH_BYTES: usize = 2048;
 /// `R` activation rows against one run of groups, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4Group], out: &mut [f32]) {
-    let mut xq = [std::ptr::null::<i8>(); R];
-    let mut xd = [std::ptr::null::<f32>(); R];
-    let mut xsum = [std::ptr::null::<i16>(); R];
-    for (r, x) in xs.iter().take(R).enumerate() {
-        xq[r] = x.q.as_ptr();
-        xd[r] = x.d.as_ptr();
-        xsum[r] = x.sums.as_ptr();
-    }
+    let RowPtrs {
+        q: xq,
+        d: xd,
+        sums: xsum,
+    } = RowPtrs::<R>::new(xs);
     let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
     for (bi, g) in groups.iter().enumerate() {
@@ -122,6 +113,7 @@ unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4Group], out: &mut [f
 
 #[cfg(test)]
 mod tests {
+    use super::super::as_blocks;
     use super::super::packed::Activations;
     use super::*;
     use crate::model::test_data::data;

@@ -12,9 +12,9 @@
 
 use super::super::small_matmul::prefetch_lines;
 use super::packed::{Group, PackedWeight, LANES};
-use super::rows8::{Row8, Rows8};
+use super::rows8::{Row8, RowPtrs, Rows8};
 use super::RawBlock;
-use candle_core::{bail, Result};
+use candle_core::Result;
 use std::arch::x86_64::*;
 
 /// Weights per super-block.
@@ -103,7 +103,7 @@ impl Group for Q4kGroup {
 
     /// AVX-512 F, BW and VNNI.
     fn available() -> bool {
-        super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
+        super::packed::vnni()
     }
 
     fn holds(x: &Row8<'_>, k: usize) -> bool {
@@ -120,13 +120,7 @@ pub type PackedQ4K = PackedWeight<Q4kGroup>;
 
 /// Packs candle's q4k bytes (`QTensor::data`) of an `[n, k]` weight.
 pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4K> {
-    let blocks = super::as_blocks::<BlockQ4K>(bytes)?;
-    if !k.is_multiple_of(QK_K) || blocks.len() != n * (k / QK_K) {
-        bail!(
-            "{} q4k blocks do not make a [{n}, {k}] weight",
-            blocks.len()
-        );
-    }
+    let blocks = super::packed::weight_blocks::<BlockQ4K>(bytes, n, k, QK_K)?;
     let kb = k / QK_K;
     Ok(PackedWeight::new(
         n,
@@ -157,14 +151,11 @@ const PREFETCH_AHEAD: usize = 4;
 /// `R` activation rows against one group of 16 weight rows, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4kGroup], out: &mut [f32]) {
-    let mut xq = [std::ptr::null::<i8>(); R];
-    let mut xd = [std::ptr::null::<f32>(); R];
-    let mut xsum = [std::ptr::null::<i16>(); R];
-    for (r, x) in xs.iter().take(R).enumerate() {
-        xq[r] = x.q.as_ptr();
-        xd[r] = x.d.as_ptr();
-        xsum[r] = x.sums.as_ptr();
-    }
+    let RowPtrs {
+        q: xq,
+        d: xd,
+        sums: xsum,
+    } = RowPtrs::<R>::new(xs);
     let nibble = _mm512_set1_epi8(0x0F);
     // Four activation bytes (or two i16 sums), broadcast to every lane.
     macro_rules! bcast {

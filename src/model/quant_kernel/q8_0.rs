@@ -7,8 +7,8 @@
 
 use super::super::small_matmul::prefetch_lines;
 use super::packed::{Group, PackedWeight, LANES};
-use super::{as_blocks, BlockQ8_0, Row16, Rows16};
-use candle_core::{bail, Result};
+use super::{BlockQ8_0, Row16, Rows16};
+use candle_core::Result;
 use std::arch::x86_64::*;
 
 /// Inputs per block.
@@ -36,7 +36,7 @@ impl Group for Q8Group {
     type Acts = Rows16;
 
     fn available() -> bool {
-        super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
+        super::packed::vnni()
     }
 
     fn holds(x: &Row16<'_>, k: usize) -> bool {
@@ -53,13 +53,7 @@ pub type PackedQ8_0 = PackedWeight<Q8Group>;
 
 /// Packs candle's q8_0 bytes (`QTensor::data`) of an `[n, k]` weight.
 pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ8_0> {
-    let blocks = as_blocks::<BlockQ8_0>(bytes)?;
-    if !k.is_multiple_of(QK) || blocks.len() != n * (k / QK) {
-        bail!(
-            "{} q8_0 blocks do not make a [{n}, {k}] weight",
-            blocks.len()
-        );
-    }
+    let blocks = super::packed::weight_blocks::<BlockQ8_0>(bytes, n, k, QK)?;
     let kb = k / QK;
     Ok(PackedWeight::new(n, k, |g: &mut Q8Group, row, bi, lane| {
         let b = &blocks[row * kb + bi];
@@ -122,7 +116,7 @@ unsafe fn rows<const R: usize>(xs: &[Row16<'_>], groups: &[Q8Group], out: &mut [
 #[cfg(test)]
 mod tests {
     use super::super::super::small_matmul::products;
-    use super::super::{scalar_tile, Block};
+    use super::super::{as_blocks, scalar_tile, Block};
     use super::*;
     use crate::model::test_data::data;
     use candle_core::quantized::{GgmlDType, QTensor};

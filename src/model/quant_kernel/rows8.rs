@@ -2,6 +2,7 @@
 //! weights by signed 8-bit activations): one scale per block of `B` values, as GGML rounds
 //! them for its 4-bit formats.
 
+use super::block_scale;
 use super::packed::Activations;
 use std::arch::x86_64::*;
 
@@ -23,6 +24,30 @@ pub struct Row8<'a> {
     pub q: &'a [i8],
     pub d: &'a [f32],
     pub sums: &'a [i16],
+}
+
+/// The values, scales and sums of `R` rows as pointers, for the kernels' inner loops.
+pub struct RowPtrs<const R: usize> {
+    pub q: [*const i8; R],
+    pub d: [*const f32; R],
+    pub sums: [*const i16; R],
+}
+
+impl<const R: usize> RowPtrs<R> {
+    /// The first `R` of `rows`.
+    pub fn new(rows: &[Row8<'_>]) -> Self {
+        let mut p = Self {
+            q: [std::ptr::null(); R],
+            d: [std::ptr::null(); R],
+            sums: [std::ptr::null(); R],
+        };
+        for (r, x) in rows.iter().take(R).enumerate() {
+            p.q[r] = x.q.as_ptr();
+            p.d[r] = x.d.as_ptr();
+            p.sums[r] = x.sums.as_ptr();
+        }
+        p
+    }
 }
 
 impl<const B: usize> Activations for Rows8<B> {
@@ -78,19 +103,14 @@ impl<const B: usize> Rows8<B> {
                 let z = _mm512_sub_ps(v, v);
                 bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
             }
-            let scale = _mm512_reduce_max_ps(amax) / 127.0;
-            let inv = if bad != 0 {
+            let (scale, inv) = block_scale(_mm512_reduce_max_ps(amax), bad == 0, 127.0);
+            *d = scale;
+            if bad != 0 {
                 // The scalar code's values: x * 0 is 0, or NaN, which converts to 0.
                 q.fill(0);
                 sums.fill(0);
-                *d = f32::NAN;
                 continue;
-            } else if scale > 0.0 && (1.0 / scale).is_finite() {
-                1.0 / scale
-            } else {
-                0.0
-            };
-            *d = if inv == 0.0 { 0.0 } else { scale };
+            }
             let inv = _mm512_set1_ps(inv);
             for (j, sum) in sums.iter_mut().enumerate() {
                 let round = |v: __m512| {
@@ -125,15 +145,8 @@ impl<const B: usize> Rows8<B> {
         let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(B / 32));
         for ((block, q), (d, sums)) in blocks.zip(rest) {
             let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let (scale, inv) = if !block.iter().all(|v| v.is_finite()) {
-                // Non-finite activations make the scale NaN, so the output says so.
-                (f32::NAN, 0.0)
-            } else if scale > 0.0 && (1.0 / scale).is_finite() {
-                (scale, 1.0 / scale)
-            } else {
-                (0.0, 0.0)
-            };
+            let finite = block.iter().all(|v| v.is_finite());
+            let (scale, inv) = block_scale(amax, finite, 127.0);
             for (q, v) in q.iter_mut().zip(block) {
                 *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
             }
