@@ -16,6 +16,23 @@ pub fn vnni() -> bool {
     super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
 }
 
+/// Prefetches the group one run on from `g` (a run is `run` groups: the same block of the
+/// next 16 weight rows), at most [`PREFETCH_MAX_BYTES`] ahead. Several row passes of a kernel
+/// go over one run while it sits in cache; fetching only a few blocks ahead left the memory
+/// idle during all passes but the first, and fetching the next run during them overlaps the
+/// two.
+#[inline(always)]
+pub fn prefetch_next_run<G>(g: *const G, run: usize) {
+    let ahead = run.min(PREFETCH_MAX_BYTES / std::mem::size_of::<G>().max(1));
+    super::super::small_matmul::prefetch_lines(
+        g.wrapping_add(ahead) as *const u8,
+        std::mem::size_of::<G>(),
+    );
+}
+
+/// The farthest [`prefetch_next_run`] reaches (well inside a core's L2).
+const PREFETCH_MAX_BYTES: usize = 256 * 1024;
+
 /// candle's bytes (`QTensor::data`) of an `[n, k]` weight as its blocks of `per` weights,
 /// checked to be exactly that weight.
 pub fn weight_blocks<B: RawBlock>(bytes: &[u8], n: usize, k: usize, per: usize) -> Result<&[B]> {

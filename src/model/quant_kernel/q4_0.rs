@@ -4,8 +4,7 @@
 //! 16 rows' lanes, half the instructions of the 16-bit `vpdpwssd` kernel q8_0 keeps. The
 //! weights' offset of 8 comes off through each activation block's sum.
 
-use super::super::small_matmul::prefetch_lines;
-use super::packed::{Group, PackedWeight, LANES};
+use super::packed::{prefetch_next_run, Group, PackedWeight, LANES};
 use super::rows8::{Row8, RowPtrs, Rows8};
 use super::BlockQ4_0;
 use candle_core::Result;
@@ -65,9 +64,6 @@ pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4_0> {
     }))
 }
 
-/// Bytes ahead of the block being read that are prefetched.
-const PREFETCH_BYTES: usize = 2048;
-
 /// `R` activation rows against one run of groups, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4Group], out: &mut [f32]) {
@@ -79,11 +75,7 @@ unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4Group], out: &mut [f
     let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
     for (bi, g) in groups.iter().enumerate() {
-        let at = g as *const Q4Group as *const u8;
-        prefetch_lines(
-            at.wrapping_add(PREFETCH_BYTES),
-            std::mem::size_of::<Q4Group>(),
-        );
+        prefetch_next_run(g, groups.len());
         let mut s = [_mm512_setzero_si512(); R];
         for (gr, w) in g.w.iter().enumerate() {
             let v = _mm512_loadu_si512(w.as_ptr() as *const __m512i);

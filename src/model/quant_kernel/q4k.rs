@@ -10,8 +10,7 @@
 //! values (`q8_K`, an error small next to the 4-bit weights'), exact integer sums per
 //! super-block, the mins folded in through each activation sub-block's sum.
 
-use super::super::small_matmul::prefetch_lines;
-use super::packed::{Group, PackedWeight, LANES};
+use super::packed::{prefetch_next_run, Group, PackedWeight, LANES};
 use super::rows8::{Row8, RowPtrs, Rows8};
 use super::RawBlock;
 use candle_core::Result;
@@ -145,9 +144,6 @@ pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4K> {
     ))
 }
 
-/// Super-blocks ahead of the one being read that are prefetched.
-const PREFETCH_AHEAD: usize = 4;
-
 /// `R` activation rows against one group of 16 weight rows, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4kGroup], out: &mut [f32]) {
@@ -165,10 +161,7 @@ unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4kGroup], out: &mut [
     }
     let mut acc = [_mm512_setzero_ps(); R];
     for (bi, g) in groups.iter().enumerate() {
-        prefetch_lines(
-            (g as *const Q4kGroup).wrapping_add(PREFETCH_AHEAD) as *const u8,
-            std::mem::size_of::<Q4kGroup>(),
-        );
+        prefetch_next_run(g, groups.len());
         let mut isum = [_mm512_setzero_si512(); R];
         let mut msum = [_mm512_setzero_si512(); R];
         for p in 0..4 {

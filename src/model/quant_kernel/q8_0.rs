@@ -5,8 +5,7 @@
 //! block of 32, exact i32 block sums, so the q8_0 parity test's margins hold), about a third
 //! of their instructions per row, which is what several rows sharing the weights are bound by.
 
-use super::super::small_matmul::prefetch_lines;
-use super::packed::{Group, PackedWeight, LANES};
+use super::packed::{prefetch_next_run, Group, PackedWeight, LANES};
 use super::{BlockQ8_0, Row16, Rows16};
 use candle_core::Result;
 use std::arch::x86_64::*;
@@ -64,9 +63,6 @@ pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ8_0> {
     }))
 }
 
-/// Bytes ahead of the block being read that are prefetched.
-const PREFETCH_BYTES: usize = 2048;
-
 /// `R` activation rows against one run of groups, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn rows<const R: usize>(xs: &[Row16<'_>], groups: &[Q8Group], out: &mut [f32]) {
@@ -78,11 +74,7 @@ unsafe fn rows<const R: usize>(xs: &[Row16<'_>], groups: &[Q8Group], out: &mut [
     }
     let mut acc = [_mm512_setzero_ps(); R];
     for (bi, g) in groups.iter().enumerate() {
-        let at = g as *const Q8Group as *const u8;
-        prefetch_lines(
-            at.wrapping_add(PREFETCH_BYTES),
-            std::mem::size_of::<Q8Group>(),
-        );
+        prefetch_next_run(g, groups.len());
         // Two accumulators per row: the pairs alternate between them, halving the chain.
         let mut s = [[_mm512_setzero_si512(); 2]; R];
         for (j, pair) in g.w.chunks_exact(2).enumerate() {
