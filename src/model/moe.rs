@@ -1,7 +1,7 @@
 //! The sparse MoE block: a router that picks the top-k experts per token, and experts that run
 //! only on the tokens routed to them.
 
-use super::layers::{softmax_f32, swiglu, Linear};
+use super::layers::{activation_f32, softmax_f32, swiglu, Linear};
 use crate::config::{Activation, RouterNorm};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -22,6 +22,41 @@ impl Expert {
         let up = self.up.forward(xs)?.to_dtype(DType::F32)?;
         let h = swiglu(&gate, &up, act)?.to_dtype(xs.dtype())?;
         self.down.forward(&h)?.to_dtype(DType::F32)
+    }
+}
+
+impl Expert {
+    /// The same FFN on f32 rows `x` (`[m, hidden]`) where all three projections are packed
+    /// for this CPU: the gate and up products share one rounding of the activations and one
+    /// pass, SwiGLU applied as their tiles come out, no tensors in between. `None` otherwise.
+    #[cfg(target_arch = "x86_64")]
+    fn forward_packed(&self, x: &[f32], m: usize, act: Activation) -> Option<Vec<f32>> {
+        let (Linear::Packed(gate), Linear::Packed(up), Linear::Packed(down)) =
+            (&self.gate, &self.up, &self.down)
+        else {
+            return None;
+        };
+        if down.dims().1 != gate.dims().0 {
+            return None;
+        }
+        let h = gate.gated_matmul(up, x, m, activation_f32(act))?;
+        Some(down.matmul(&h, m))
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn forward_packed(&self, _x: &[f32], _m: usize, _act: Activation) -> Option<Vec<f32>> {
+        None
+    }
+
+    /// Whether [`Expert::forward_packed`] takes this expert.
+    fn is_packed(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let (Linear::Packed(g), Linear::Packed(u), Linear::Packed(d)) =
+            (&self.gate, &self.up, &self.down)
+        {
+            return g.dtype() == u.dtype() && g.dims() == u.dims() && d.dims().1 == g.dims().0;
+        }
+        false
     }
 }
 
@@ -72,6 +107,8 @@ pub struct MoeBlock {
     act: Activation,
     /// Tokens routed to each expert since start (for metrics: how balanced the router is).
     expert_tokens: Vec<AtomicU64>,
+    /// Every expert packed for this CPU's kernels: the block works on plain f32 rows.
+    packed: bool,
 }
 
 impl MoeBlock {
@@ -83,7 +120,9 @@ impl MoeBlock {
         act: Activation,
     ) -> Self {
         let expert_tokens = experts.iter().map(|_| AtomicU64::new(0)).collect();
+        let packed = !experts.is_empty() && experts.iter().all(Expert::is_packed);
         Self {
+            packed,
             router,
             experts,
             top_k,
@@ -119,6 +158,12 @@ impl MoeBlock {
         }
         let device = xs.device();
         let active: Vec<usize> = (0..num_experts).filter(|&e| !rows[e].is_empty()).collect();
+        for &e in &active {
+            self.expert_tokens[e].fetch_add(rows[e].len() as u64, Ordering::Relaxed);
+        }
+        if self.packed && device.is_cpu() {
+            return self.forward_packed(xs, &active, &rows, &row_weights);
+        }
         // The active experts run side by side: a large expert's products split across the
         // pool anyway, but small ones (a few rows, a narrow FFN) run on one thread each and
         // would otherwise leave the other cores idle for the whole MoE block.
@@ -136,12 +181,51 @@ impl MoeBlock {
         };
         let mut all_rows = Vec::with_capacity(n * self.top_k);
         for &e in &active {
-            self.expert_tokens[e].fetch_add(rows[e].len() as u64, Ordering::Relaxed);
             all_rows.extend_from_slice(&rows[e]);
         }
         let idx = Tensor::from_vec(all_rows, n * self.top_k, device)?;
         let ys = Tensor::cat(&all_out, 0)?;
         Tensor::zeros((n, hidden), DType::F32, device)?.index_add(&idx, &ys, 0)
+    }
+
+    /// [`MoeBlock::forward`]'s experts on plain f32 rows, every expert packed: no tensor per
+    /// expert (gathers, products, weighting, scatter), which cost a fifth of a 16-sequence
+    /// quantized decode step. The weighted outputs are summed per token in expert order,
+    /// `0 + w_a y_a + w_b y_b` as the tensor path's `index_add` sums them.
+    fn forward_packed(
+        &self,
+        xs: &Tensor,
+        active: &[usize],
+        rows: &[Vec<u32>],
+        row_weights: &[Vec<f32>],
+    ) -> Result<Tensor> {
+        let (n, hidden) = xs.dims2()?;
+        let x: Vec<f32> = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let run = |&e: &usize| -> Result<Vec<f32>> {
+            let mut x_e = Vec::with_capacity(rows[e].len() * hidden);
+            for &t in &rows[e] {
+                let t = t as usize;
+                x_e.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+            }
+            let y = self.experts[e]
+                .forward_packed(&x_e, rows[e].len(), self.act)
+                .ok_or_else(|| candle_core::Error::Msg(format!("expert {e} is not packed")))?;
+            if y.len() != rows[e].len() * hidden {
+                candle_core::bail!("expert {e}: {} outputs for {} rows", y.len(), rows[e].len());
+            }
+            Ok(y)
+        };
+        let ys: Vec<Vec<f32>> = active.par_iter().map(run).collect::<Result<_>>()?;
+        let mut out = vec![0f32; n * hidden];
+        for (&e, y) in active.iter().zip(&ys) {
+            for (r, (&t, &w)) in rows[e].iter().zip(&row_weights[e]).enumerate() {
+                let dst = &mut out[t as usize * hidden..(t as usize + 1) * hidden];
+                for (d, &v) in dst.iter_mut().zip(&y[r * hidden..(r + 1) * hidden]) {
+                    *d += v * w;
+                }
+            }
+        }
+        Tensor::from_vec(out, (n, hidden), xs.device())
     }
 }
 
@@ -167,6 +251,60 @@ mod tests {
         let r = route(&probs, 4, 3, RouterNorm::None);
         assert_eq!(r.experts[0], vec![0, 3, 1]);
         assert_eq!(r.weights[0], vec![0.5, 0.4, 0.1]);
+    }
+
+    /// The packed experts' path (plain f32 rows, fused gate and up) gives bit for bit what
+    /// the tensor path gives on the same packed weights, for every packed format and an
+    /// activation other than SiLU.
+    #[test]
+    fn packed_experts_match_the_tensor_path() -> Result<()> {
+        use crate::model::test_data::data;
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        let (experts, n) = (4, 7);
+        for (dtype, hidden, ffn, act) in [
+            (GgmlDType::Q8_0, 64, 96, Activation::Silu),
+            (GgmlDType::Q4_0, 64, 160, Activation::GeluTanh),
+            (GgmlDType::Q4K, 256, 512, Activation::Silu),
+        ] {
+            let weight = |rows: usize, cols: usize, seed: u32| -> Result<Linear> {
+                let w = Tensor::from_vec(data(rows * cols, seed), (rows, cols), &dev)?;
+                Linear::quantized(QTensor::quantize(&(w * 0.1)?, dtype)?)
+            };
+            let make = || -> Result<MoeBlock> {
+                let router = Tensor::from_vec(data(experts * hidden, 1), (experts, hidden), &dev)?;
+                let list = (0..experts as u32)
+                    .map(|e| {
+                        Ok(Expert {
+                            gate: weight(ffn, hidden, 10 + e)?,
+                            up: weight(ffn, hidden, 20 + e)?,
+                            down: weight(hidden, ffn, 30 + e)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(MoeBlock::new(
+                    Linear::new(router)?,
+                    list,
+                    2,
+                    RouterNorm::PNorm(1.0),
+                    act,
+                ))
+            };
+            let fast = make()?;
+            if !fast.packed {
+                // No VNNI here: nothing is packed, the tensor path is the only one.
+                return Ok(());
+            }
+            let mut slow = make()?;
+            slow.packed = false;
+            let xs = Tensor::from_vec(data(n * hidden, 2), (n, hidden), &dev)?;
+            let a: Vec<f32> = fast.forward(&xs)?.flatten_all()?.to_vec1()?;
+            let b: Vec<f32> = slow.forward(&xs)?.flatten_all()?.to_vec1()?;
+            assert_eq!(a, b, "{dtype:?}");
+            assert!(a.iter().any(|v| *v != 0.0));
+        }
+        Ok(())
     }
 
     #[test]

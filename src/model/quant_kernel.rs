@@ -355,6 +355,27 @@ impl Packed {
             Self::Q4_0(w) => w.matmul(x, m, CHUNK_ROWS),
         }
     }
+
+    /// `act(x Wg^T) * (x Wu^T)` with `self` the gate and `up` the up projection, in one pass
+    /// (see [`packed::PackedWeight::gated_matmul`]): `[m, out]` row-major, or `None` where the
+    /// two are not the same format and shape.
+    pub fn gated_matmul(
+        &self,
+        up: &Packed,
+        x: &[f32],
+        m: usize,
+        act: impl Fn(f32) -> f32 + Sync,
+    ) -> Option<Vec<f32>> {
+        if self.dims() != up.dims() {
+            return None;
+        }
+        Some(match (self, up) {
+            (Self::Q4K(g), Self::Q4K(u)) => g.gated_matmul(u, x, m, CHUNK_ROWS, act),
+            (Self::Q8_0(g), Self::Q8_0(u)) => g.gated_matmul(u, x, m, CHUNK_ROWS, act),
+            (Self::Q4_0(g), Self::Q4_0(u)) => g.gated_matmul(u, x, m, CHUNK_ROWS, act),
+            _ => return None,
+        })
+    }
 }
 
 /// Pointers to the 16-bit values and block scales of `R` activation rows, for the kernels.

@@ -20,13 +20,26 @@ pub fn vnni() -> bool {
 /// next 16 weight rows), at most [`PREFETCH_MAX_BYTES`] ahead. Several row passes of a kernel
 /// go over one run while it sits in cache; fetching only a few blocks ahead left the memory
 /// idle during all passes but the first, and fetching the next run during them overlaps the
-/// two.
+/// two. Only the first pass over a run prefetches: later ones would ask again for lines
+/// already on their way.
 #[inline(always)]
 pub fn prefetch_next_run<G>(g: *const G, run: usize) {
+    prefetch_next_run_part(g, run, 0, 1);
+}
+
+/// Part `part` of `parts` of [`prefetch_next_run`]'s lines, for a kernel that spreads them
+/// through its loop over a large group: issued all at once, q4k's 37 lines stalled the loop
+/// on the core's few outstanding-miss slots, and its arithmetic stopped overlapping the reads
+/// (streaming expert products, one pass: 26-28 -> 30-34 GB/s).
+#[inline(always)]
+pub fn prefetch_next_run_part<G>(g: *const G, run: usize, part: usize, parts: usize) {
     let ahead = run.min(PREFETCH_MAX_BYTES / std::mem::size_of::<G>().max(1));
+    let lines = std::mem::size_of::<G>().div_ceil(64);
+    let per = lines.div_ceil(parts.max(1));
+    let first = part * per;
     super::super::small_matmul::prefetch_lines(
-        g.wrapping_add(ahead) as *const u8,
-        std::mem::size_of::<G>(),
+        (g.wrapping_add(ahead) as *const u8).wrapping_add(first * 64),
+        per.min(lines.saturating_sub(first)) * 64,
     );
 }
 
@@ -79,11 +92,17 @@ pub trait Group: Copy + Send + Sync + 'static {
     fn available() -> bool;
     /// Whether an activation row holds `k` inputs.
     fn holds(x: &RowOf<'_, Self>, k: usize) -> bool;
-    /// `R` activation rows against one run of groups: `out[r * 16 + lane]`.
+    /// `R` activation rows against one run of groups: `out[r * 16 + lane]`. With `prefetch`
+    /// (the first pass over the run) it also fetches the next run.
     ///
     /// # Safety
     /// `available()`, `xs` holds `R` rows, each holding the run's inputs, `out` `R * 16`.
-    unsafe fn rows<const R: usize>(xs: &[RowOf<'_, Self>], groups: &[Self], out: &mut [f32]);
+    unsafe fn rows<const R: usize>(
+        xs: &[RowOf<'_, Self>],
+        groups: &[Self],
+        out: &mut [f32],
+        prefetch: bool,
+    );
 }
 
 impl<G: Group> PackedWeight<G> {
@@ -125,25 +144,71 @@ impl<G: Group> PackedWeight<G> {
         out
     }
 
-    /// All activation rows' products into `out` (`[rows, n]` row-major), runs of groups
-    /// shared out to the pool in chunks of at least [`MIN_WEIGHTS_PER_TASK`] weights.
-    fn products(&self, xs: &[RowOf<'_, G>], out: &mut [f32]) {
-        let (m, n, kb) = (xs.len(), self.n, self.k / G::INPUTS);
-        let runs = n.div_ceil(LANES);
-        assert!(out.len() >= m * n);
-        if m == 0 || runs == 0 {
-            return;
+    /// `act(x Wg^T) * (x Wu^T)` with `self` the gate and `up` the up projection (both `[n,
+    /// k]`), the SwiGLU of an expert: the activations rounded once for both, and each run's
+    /// gate and up tiles combined as they come out, so neither product is written whole.
+    /// Element for element the same as the two products combined afterwards.
+    pub fn gated_matmul(
+        &self,
+        up: &Self,
+        x: &[f32],
+        m: usize,
+        chunk_rows: usize,
+        act: impl Fn(f32) -> f32 + Sync,
+    ) -> Vec<f32> {
+        assert!(G::available() && x.len() >= m * self.k);
+        assert!(
+            up.n == self.n && up.k == self.k,
+            "gate and up differ in shape"
+        );
+        let (chunk, k, n) = (chunk_rows.max(1), self.k.max(1), self.n);
+        let mut out = vec![0f32; m * n];
+        for (pass, rows) in x[..m * self.k].chunks(chunk * k).enumerate() {
+            let acts = G::Acts::new(rows, self.k);
+            let xs = acts.rows();
+            let rows_here = xs.len();
+            let shared = SharedOut(out[pass * chunk * n..].as_mut_ptr());
+            self.in_tasks(rows_here, 2, |runs| {
+                let shared = &shared;
+                let mut gate = vec![0f32; rows_here * LANES];
+                let mut upt = vec![0f32; rows_here * LANES];
+                for g in runs {
+                    // SAFETY: `available()` checked above; the rows were made `k` wide.
+                    unsafe {
+                        kernel(&xs, self.run(g), &mut gate);
+                        kernel(&xs, up.run(g), &mut upt);
+                    }
+                    let (j, c) = (g * LANES, LANES.min(n - g * LANES));
+                    for i in 0..rows_here {
+                        let (gi, ui) = (&gate[i * LANES..i * LANES + c], &upt[i * LANES..]);
+                        for (l, (&a, &b)) in gi.iter().zip(ui).enumerate() {
+                            // SAFETY: row i, column j + l: inside `out`, and this task's alone.
+                            unsafe { *shared.0.add(i * n + j + l) = act(a) * b };
+                        }
+                    }
+                }
+            });
         }
-        let threads = rayon::current_num_threads().max(1);
-        let min_runs = (MIN_WEIGHTS_PER_TASK / (LANES * self.k).max(1)).max(1);
-        let per_task = runs.div_ceil(threads * 4).max(min_runs);
+        out
+    }
+
+    /// Run `g`'s groups.
+    fn run(&self, g: usize) -> &[G] {
+        let kb = self.k / G::INPUTS;
+        &self.groups[g * kb..(g + 1) * kb]
+    }
+
+    /// All activation rows' products into `out` (`[rows, n]` row-major).
+    fn products(&self, xs: &[RowOf<'_, G>], out: &mut [f32]) {
+        let (m, n) = (xs.len(), self.n);
+        assert!(out.len() >= m * n);
         let shared = SharedOut(out.as_mut_ptr());
-        let task = |t: usize| {
+        self.in_tasks(m, 1, |runs| {
             let shared = &shared;
             let mut tile = vec![0f32; m * LANES];
-            for g in t * per_task..((t + 1) * per_task).min(runs) {
+            for g in runs {
                 // SAFETY: `matmul` checked `available()`; the rows were made `k` wide.
-                unsafe { kernel(xs, &self.groups[g * kb..(g + 1) * kb], &mut tile) };
+                unsafe { kernel(xs, self.run(g), &mut tile) };
                 let (j, c) = (g * LANES, LANES.min(n - g * LANES));
                 for i in 0..m {
                     // SAFETY: row i, columns j..j + c: inside `out`, and this task's alone.
@@ -156,12 +221,26 @@ impl<G: Group> PackedWeight<G> {
                     };
                 }
             }
-        };
+        });
+    }
+
+    /// Runs `task` on ranges of this weight's runs, shared out to the pool in chunks of at
+    /// least [`MIN_WEIGHTS_PER_TASK`] weights (`weights` per run of this one: 2 where each
+    /// run is taken with another weight's).
+    fn in_tasks(&self, m: usize, weights: usize, task: impl Fn(std::ops::Range<usize>) + Sync) {
+        let runs = self.n.div_ceil(LANES);
+        if m == 0 || runs == 0 {
+            return;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let min_runs = (MIN_WEIGHTS_PER_TASK / (weights * LANES * self.k).max(1)).max(1);
+        let per_task = runs.div_ceil(threads * 4).max(min_runs);
         let tasks = runs.div_ceil(per_task);
+        let range = |t: usize| t * per_task..((t + 1) * per_task).min(runs);
         if tasks == 1 {
-            task(0);
+            task(range(0));
         } else {
-            (0..tasks).into_par_iter().for_each(task);
+            (0..tasks).into_par_iter().for_each(|t| task(range(t)));
         }
     }
 }
@@ -177,26 +256,38 @@ unsafe fn kernel<G: Group>(xs: &[RowOf<'_, G>], groups: &[G], out: &mut [f32]) {
     let max = G::MAX_ROWS;
     let mut i = 0;
     while i + max <= xs.len() {
-        rows::<G>(max, &xs[i..i + max], groups, &mut out[i * LANES..]);
+        rows::<G>(max, &xs[i..i + max], groups, &mut out[i * LANES..], i == 0);
         i += max;
     }
-    rows::<G>(xs.len() - i, &xs[i..], groups, &mut out[i * LANES..]);
+    rows::<G>(
+        xs.len() - i,
+        &xs[i..],
+        groups,
+        &mut out[i * LANES..],
+        i == 0,
+    );
 }
 
 /// `G::rows::<R>` for a run-time `r` (0..=8).
 ///
 /// # Safety
 /// As [`Group::rows`].
-unsafe fn rows<G: Group>(r: usize, xs: &[RowOf<'_, G>], groups: &[G], out: &mut [f32]) {
+unsafe fn rows<G: Group>(
+    r: usize,
+    xs: &[RowOf<'_, G>],
+    groups: &[G],
+    out: &mut [f32],
+    prefetch: bool,
+) {
     match r {
         0 => {}
-        1 => G::rows::<1>(xs, groups, out),
-        2 => G::rows::<2>(xs, groups, out),
-        3 => G::rows::<3>(xs, groups, out),
-        4 => G::rows::<4>(xs, groups, out),
-        5 => G::rows::<5>(xs, groups, out),
-        6 => G::rows::<6>(xs, groups, out),
-        7 => G::rows::<7>(xs, groups, out),
-        _ => G::rows::<8>(xs, groups, out),
+        1 => G::rows::<1>(xs, groups, out, prefetch),
+        2 => G::rows::<2>(xs, groups, out, prefetch),
+        3 => G::rows::<3>(xs, groups, out, prefetch),
+        4 => G::rows::<4>(xs, groups, out, prefetch),
+        5 => G::rows::<5>(xs, groups, out, prefetch),
+        6 => G::rows::<6>(xs, groups, out, prefetch),
+        7 => G::rows::<7>(xs, groups, out, prefetch),
+        _ => G::rows::<8>(xs, groups, out, prefetch),
     }
 }

@@ -43,8 +43,13 @@ impl Group for Q4Group {
         x.q.len() >= k && x.d.len() * QK >= k && x.sums.len() * QK >= k
     }
 
-    unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Self], out: &mut [f32]) {
-        rows::<R>(xs, groups, out)
+    unsafe fn rows<const R: usize>(
+        xs: &[Row8<'_>],
+        groups: &[Self],
+        out: &mut [f32],
+        prefetch: bool,
+    ) {
+        rows::<R>(xs, groups, out, prefetch)
     }
 }
 
@@ -66,7 +71,12 @@ pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4_0> {
 
 /// `R` activation rows against one run of groups, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4Group], out: &mut [f32]) {
+unsafe fn rows<const R: usize>(
+    xs: &[Row8<'_>],
+    groups: &[Q4Group],
+    out: &mut [f32],
+    prefetch: bool,
+) {
     let RowPtrs {
         q: xq,
         d: xd,
@@ -75,7 +85,9 @@ unsafe fn rows<const R: usize>(xs: &[Row8<'_>], groups: &[Q4Group], out: &mut [f
     let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
     for (bi, g) in groups.iter().enumerate() {
-        prefetch_next_run(g, groups.len());
+        if prefetch {
+            prefetch_next_run(g, groups.len());
+        }
         let mut s = [_mm512_setzero_si512(); R];
         for (gr, w) in g.w.iter().enumerate() {
             let v = _mm512_loadu_si512(w.as_ptr() as *const __m512i);

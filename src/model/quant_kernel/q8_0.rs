@@ -42,8 +42,13 @@ impl Group for Q8Group {
         x.q.len() >= k && x.d.len() * QK >= k
     }
 
-    unsafe fn rows<const R: usize>(xs: &[Row16<'_>], groups: &[Self], out: &mut [f32]) {
-        rows::<R>(xs, groups, out)
+    unsafe fn rows<const R: usize>(
+        xs: &[Row16<'_>],
+        groups: &[Self],
+        out: &mut [f32],
+        prefetch: bool,
+    ) {
+        rows::<R>(xs, groups, out, prefetch)
     }
 }
 
@@ -65,7 +70,12 @@ pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ8_0> {
 
 /// `R` activation rows against one run of groups, accumulators in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn rows<const R: usize>(xs: &[Row16<'_>], groups: &[Q8Group], out: &mut [f32]) {
+unsafe fn rows<const R: usize>(
+    xs: &[Row16<'_>],
+    groups: &[Q8Group],
+    out: &mut [f32],
+    prefetch: bool,
+) {
     let mut xq = [std::ptr::null::<i16>(); R];
     let mut xd = [std::ptr::null::<f32>(); R];
     for (r, x) in xs.iter().take(R).enumerate() {
@@ -74,7 +84,9 @@ unsafe fn rows<const R: usize>(xs: &[Row16<'_>], groups: &[Q8Group], out: &mut [
     }
     let mut acc = [_mm512_setzero_ps(); R];
     for (bi, g) in groups.iter().enumerate() {
-        prefetch_next_run(g, groups.len());
+        if prefetch {
+            prefetch_next_run(g, groups.len());
+        }
         // Two accumulators per row: the pairs alternate between them, halving the chain.
         let mut s = [[_mm512_setzero_si512(); 2]; R];
         for (j, pair) in g.w.chunks_exact(2).enumerate() {
