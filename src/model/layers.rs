@@ -197,17 +197,6 @@ impl RotaryEmbedding {
     }
 }
 
-/// The experts' activation as a scalar function: candle's own per-element code, so a fused
-/// product gives exactly what [`swiglu`] gives on the two products.
-pub fn activation_f32(act: Activation) -> fn(f32) -> f32 {
-    use candle_core::op::{Gelu, GeluErf, Silu, UnaryOpT};
-    match act {
-        Activation::Silu => <Silu as UnaryOpT>::f32,
-        Activation::Gelu => <GeluErf as UnaryOpT>::f32,
-        Activation::GeluTanh => <Gelu as UnaryOpT>::f32,
-    }
-}
-
 /// SiLU gate times up, the SwiGLU of both families' experts.
 pub fn swiglu(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
     let g = match act {

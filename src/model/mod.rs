@@ -12,6 +12,7 @@ pub mod moe;
 mod quant;
 pub mod quant_kernel;
 pub mod small_matmul;
+mod swiglu;
 #[cfg(test)]
 mod test_data;
 

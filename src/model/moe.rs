@@ -1,7 +1,7 @@
 //! The sparse MoE block: a router that picks the top-k experts per token, and experts that run
 //! only on the tokens routed to them.
 
-use super::layers::{activation_f32, softmax_f32, swiglu, Linear};
+use super::layers::{softmax_f32, swiglu, Linear};
 use crate::config::{Activation, RouterNorm};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -39,7 +39,9 @@ impl Expert {
         if down.dims().1 != gate.dims().0 {
             return None;
         }
-        let h = gate.gated_matmul(up, x, m, activation_f32(act))?;
+        let h = gate.gated_matmul(up, x, m, |g, u, out| {
+            super::swiglu::gate_rows(act, g, u, out)
+        })?;
         Some(down.matmul(&h, m))
     }
 
@@ -253,9 +255,9 @@ mod tests {
         assert_eq!(r.weights[0], vec![0.5, 0.4, 0.1]);
     }
 
-    /// The packed experts' path (plain f32 rows, fused gate and up) gives bit for bit what
-    /// the tensor path gives on the same packed weights, for every packed format and an
-    /// activation other than SiLU.
+    /// The packed experts' path (plain f32 rows, fused gate and up) gives what the tensor
+    /// path gives on the same packed weights, for every packed format: bit for bit with
+    /// candle's own GELU, within rounding with the vectorised SiLU.
     #[test]
     fn packed_experts_match_the_tensor_path() -> Result<()> {
         use crate::model::test_data::data;
@@ -267,6 +269,7 @@ mod tests {
             (GgmlDType::Q8_0, 64, 96, Activation::Silu),
             (GgmlDType::Q4_0, 64, 160, Activation::GeluTanh),
             (GgmlDType::Q4K, 256, 512, Activation::Silu),
+            (GgmlDType::Q4K, 256, 512, Activation::Gelu),
         ] {
             let weight = |rows: usize, cols: usize, seed: u32| -> Result<Linear> {
                 let w = Tensor::from_vec(data(rows * cols, seed), (rows, cols), &dev)?;
@@ -301,7 +304,16 @@ mod tests {
             let xs = Tensor::from_vec(data(n * hidden, 2), (n, hidden), &dev)?;
             let a: Vec<f32> = fast.forward(&xs)?.flatten_all()?.to_vec1()?;
             let b: Vec<f32> = slow.forward(&xs)?.flatten_all()?.to_vec1()?;
-            assert_eq!(a, b, "{dtype:?}");
+            if act == Activation::Silu {
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "{dtype:?}: {x} vs {y}"
+                    );
+                }
+            } else {
+                assert_eq!(a, b, "{dtype:?} {act:?}");
+            }
             assert!(a.iter().any(|v| *v != 0.0));
         }
         Ok(())

@@ -356,15 +356,15 @@ impl Packed {
         }
     }
 
-    /// `act(x Wg^T) * (x Wu^T)` with `self` the gate and `up` the up projection, in one pass
-    /// (see [`packed::PackedWeight::gated_matmul`]): `[m, out]` row-major, or `None` where the
-    /// two are not the same format and shape.
+    /// `combine(x Wg^T, x Wu^T)` with `self` the gate and `up` the up projection, in one
+    /// pass (see [`packed::PackedWeight::gated_matmul`]): `[m, out]` row-major, or `None`
+    /// where the two are not the same format and shape.
     pub fn gated_matmul(
         &self,
         up: &Packed,
         x: &[f32],
         m: usize,
-        act: impl Fn(f32) -> f32 + Sync,
+        act: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
     ) -> Option<Vec<f32>> {
         if self.dims() != up.dims() {
             return None;

@@ -144,17 +144,17 @@ impl<G: Group> PackedWeight<G> {
         out
     }
 
-    /// `act(x Wg^T) * (x Wu^T)` with `self` the gate and `up` the up projection (both `[n,
-    /// k]`), the SwiGLU of an expert: the activations rounded once for both, and each run's
-    /// gate and up tiles combined as they come out, so neither product is written whole.
-    /// Element for element the same as the two products combined afterwards.
+    /// `gate(x Wg^T, x Wu^T)` with `self` the gate and `up` the up projection (both `[n, k]`),
+    /// the SwiGLU of an expert: the activations rounded once for both, and each run's gate
+    /// and up tiles combined as they come out (`combine(gate, up, out)` on one row's piece of
+    /// up to 16 columns), so neither product is written whole.
     pub fn gated_matmul(
         &self,
         up: &Self,
         x: &[f32],
         m: usize,
         chunk_rows: usize,
-        act: impl Fn(f32) -> f32 + Sync,
+        combine: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
     ) -> Vec<f32> {
         assert!(G::available() && x.len() >= m * self.k);
         assert!(
@@ -180,11 +180,11 @@ impl<G: Group> PackedWeight<G> {
                     }
                     let (j, c) = (g * LANES, LANES.min(n - g * LANES));
                     for i in 0..rows_here {
-                        let (gi, ui) = (&gate[i * LANES..i * LANES + c], &upt[i * LANES..]);
-                        for (l, (&a, &b)) in gi.iter().zip(ui).enumerate() {
-                            // SAFETY: row i, column j + l: inside `out`, and this task's alone.
-                            unsafe { *shared.0.add(i * n + j + l) = act(a) * b };
-                        }
+                        // SAFETY: row i, columns j..j + c: inside `out`, and this task's alone.
+                        let dst =
+                            unsafe { std::slice::from_raw_parts_mut(shared.0.add(i * n + j), c) };
+                        let at = i * LANES..i * LANES + c;
+                        combine(&gate[at.clone()], &upt[at], dst);
                     }
                 }
             });
