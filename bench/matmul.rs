@@ -2,6 +2,8 @@
 //!
 //! `cargo bench --bench matmul` prints, for the synthetic Mixtral's expert shapes and a few
 //! row counts, the time per product, the weight bytes streamed per second and GFLOP/s.
+//! `cargo bench --bench matmul -- experts` streams whole packed experts (gate and up fused,
+//! then down) from memory, as a decode step does, next to a plain read's bandwidth.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
@@ -75,6 +77,14 @@ fn main() -> candle_core::Result<()> {
             }
         }
     }
+    if only.iter().any(|o| o == "experts") {
+        // Inside a pool, as the engine's loop runs: a caller outside it sleeps through every
+        // product while the pool's threads do the work.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .build()
+            .map_err(candle_core::Error::wrap)?;
+        pool.install(stream_experts)?;
+    }
     // Quantized weights: candle's kernel (activations rounded to 8 bits) against ours.
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
         if !wanted(&format!("{dtype:?}")) {
@@ -128,5 +138,83 @@ fn main() -> candle_core::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// GB/s of a plain read (u64 sums) of `data` by the pool's threads, best of 3.
+fn read_bandwidth(data: &[u64]) -> f64 {
+    let per = data.len().div_ceil(rayon::current_num_threads().max(1));
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let sum: u64 = std::thread::scope(|s| {
+            let parts: Vec<_> = data
+                .chunks(per)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            parts.into_iter().filter_map(|h| h.join().ok()).sum()
+        });
+        std::hint::black_box(sum);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (data.len() * 8) as f64 / best / 1e9
+}
+
+/// Whole packed experts of the synthetic Mixtral's shape (q4k, 48 of them: 300 MB, far past
+/// the caches) against `m` rows, one after another as a decode step's MoE block runs them,
+/// best of 3 passes; the machine's (drifting) read bandwidth before and after.
+fn stream_experts() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let (h, f, count) = (1024usize, 3584usize, 48usize);
+    let gate = QTensor::quantize(&Tensor::randn(0f32, 0.02, (f, h), &dev)?, GgmlDType::Q4K)?;
+    let down = QTensor::quantize(&Tensor::randn(0f32, 0.02, (h, f), &dev)?, GgmlDType::Q4K)?;
+    let pack = |q: &QTensor| -> candle_core::Result<Packed> {
+        Packed::new(q)?.ok_or_else(|| candle_core::Error::Msg("no packed kernel here".into()))
+    };
+    let experts = match (0..count)
+        .map(|_| Ok((pack(&gate)?, pack(&gate)?, pack(&down)?)))
+        .collect::<candle_core::Result<Vec<_>>>()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            println!("experts: {e}");
+            return Ok(());
+        }
+    };
+    let bytes = (3 * gate.storage_size_in_bytes() * count) as f64;
+    let plain: Vec<u64> = (0..1u64 << 27).collect();
+    let before = read_bandwidth(&plain);
+    println!("{:>5} {:>12} {:>12}", "m", "experts GB/s", "ms/expert");
+    for m in [1usize, 2, 4, 6, 8] {
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, h), &dev)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            for (g, u, d) in &experts {
+                let hidden = g
+                    .gated_matmul(u, &x, m, |g, u, o| {
+                        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                            *o = g / (1.0 + (-g).exp()) * u;
+                        }
+                    })
+                    .unwrap_or_default();
+                std::hint::black_box(d.matmul(&hidden, m));
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "{m:>5} {:>12.1} {:>12.3}",
+            bytes / best / 1e9,
+            best / count as f64 * 1e3
+        );
+    }
+    // Reads interleaved with the experts slowed them by half (the caches and TLB each
+    // leave cold): the machine's bandwidth is read before and after instead.
+    println!(
+        "plain read: {before:.1} GB/s before, {:.1} GB/s after",
+        read_bandwidth(&plain)
+    );
     Ok(())
 }
