@@ -129,7 +129,7 @@ fn run<T: CacheElem>(
             // SAFETY: the CPU has AVX2, FMA and F16C.
             return unsafe { kv_heads_avx2(qs, k, v, query.slots, kv_dim, run, h) };
         }
-        kv_heads(qs, k, v, query.slots, kv_dim, run, h)
+        kv_heads(qs, k, v, query.slots, kv_dim, run, h, false)
     };
     let work: usize = queries.iter().map(|q| q.slots.len()).sum::<usize>() * q_dim * 2;
     let parts: Vec<Vec<f32>> = if work < MIN_PARALLEL_WORK {
@@ -160,14 +160,16 @@ unsafe fn kv_heads_avx2<T: CacheElem>(
     run: usize,
     h: Heads,
 ) -> Vec<f32> {
-    kv_heads(qs, k, v, slots, kv_dim, run, h)
+    kv_heads(qs, k, v, slots, kv_dim, run, h, true)
 }
 
 /// `run` consecutive KV heads and the query heads `qs` that use them (`run * groups *
 /// head_dim`), against their keys and values (`k` / `v` start at the first head's first
 /// element; a slot's row is `kv_dim` on). Each slot's `run * head_dim` keys and values are
-/// read once, for all the query heads.
+/// read once, for all the query heads. `avx2`: called from [`kv_heads_avx2`] (the CPU has
+/// AVX2 and FMA), so the softmax's exponentials take 8 lanes at a time.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn kv_heads<T: CacheElem>(
     qs: &[f32],
     k: &[T],
@@ -176,6 +178,7 @@ fn kv_heads<T: CacheElem>(
     kv_dim: usize,
     run: usize,
     h: Heads,
+    avx2: bool,
 ) -> Vec<f32> {
     let hd = h.head_dim;
     let heads = qs.len() / hd.max(1);
@@ -203,11 +206,18 @@ fn kv_heads<T: CacheElem>(
     }
     for head in scores.chunks_mut(n.max(1)) {
         let max = head.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
-        for s in head.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `avx2` only from `kv_heads_avx2`, which the CPU's AVX2 and FMA gate.
+        let sum = if avx2 {
+            unsafe { softmax_avx2::exp_shifted(head, max) }
+        } else {
+            exp_shifted(head, max)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let sum = {
+            let _ = avx2;
+            exp_shifted(head, max)
+        };
         for s in head.iter_mut() {
             *s /= sum;
         }
@@ -225,6 +235,89 @@ fn kv_heads<T: CacheElem>(
         }
     }
     out
+}
+
+/// `s = e^(s - max)` over `xs`, returning their sum (libm's `expf`).
+fn exp_shifted(xs: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for s in xs.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    sum
+}
+
+/// [`exp_shifted`] 8 lanes at a time: libm's `expf` one value per call was about a third of
+/// the decode attention's time at short contexts (16 heads x context exponentials a query).
+/// Cephes' `expf` polynomial, 2^n built in the exponent bits; arguments are clamped to
+/// [-87.3, 88.7] (2^n stays a normal number; below, the result is ~1e-38 instead of a
+/// subnormal, nothing a softmax can tell apart), NaN kept.
+#[cfg(target_arch = "x86_64")]
+mod softmax_avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp(x: __m256) -> __m256 {
+        // `max_ps` / `min_ps` return their second operand when one is NaN: x goes second.
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.3), x);
+        let x = _mm256_min_ps(_mm256_set1_ps(88.7), x);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), f);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+        }
+        let p = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(f, f),
+            _mm256_add_ps(f, _mm256_set1_ps(1.0)),
+        );
+        // 2^n for n in -126..=128: 128 only at the top clamp, where p < 1 keeps it finite.
+        let half = _mm256_cvtps_epi32(_mm256_mul_ps(n, _mm256_set1_ps(0.5)));
+        let rest = _mm256_sub_epi32(_mm256_cvtps_epi32(n), half);
+        let pow = |e: __m256i| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                e,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        _mm256_mul_ps(_mm256_mul_ps(p, pow(half)), pow(rest))
+    }
+
+    /// `s = e^(s - max)` over `xs`, returning their sum: 8-lane partial sums, then the tail.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_shifted(xs: &mut [f32], max: f32) -> f32 {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        let mut chunks = xs.chunks_exact_mut(8);
+        for c in &mut chunks {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut sum: f32 = lanes.iter().sum();
+        for s in chunks.into_remainder() {
+            let mut v = [0f32; 8];
+            v[0] = *s - max;
+            let mut e = [0f32; 8];
+            _mm256_storeu_ps(e.as_mut_ptr(), exp(_mm256_loadu_ps(v.as_ptr())));
+            *s = e[0];
+            sum += e[0];
+        }
+        sum
+    }
 }
 
 /// A dot product over eight independent lanes, so it vectorises.
@@ -248,6 +341,53 @@ fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 8-lane exponentials against libm's: within 3 ulp over a softmax's range, the
+    /// clamped low end tiny, NaN kept, every tail length; and the sum is the values' sum.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vectorised_softmax_exponentials_track_libm() {
+        if !super::super::small_matmul::has_simd() {
+            return;
+        }
+        let mut xs: Vec<f32> = data(3000, 9).iter().map(|v| v * 44.0 - 44.0).collect();
+        xs.extend([
+            0.0,
+            -1e-30,
+            -87.0,
+            -87.5,
+            -100.0,
+            -1e4,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        for len in [xs.len(), 1, 7, 8, 9, 23] {
+            let mut got = xs[..len].to_vec();
+            // SAFETY: AVX2 and FMA checked above.
+            let sum = unsafe { softmax_avx2::exp_shifted(&mut got, 0.0) };
+            let mut total = 0f64;
+            for (i, (&x, &g)) in xs[..len].iter().zip(&got).enumerate() {
+                let want = x.exp();
+                if want.is_nan() {
+                    assert!(g.is_nan(), "[{i}] e^{x} -> {g}");
+                    continue;
+                }
+                total += g as f64;
+                if x < -87.3 {
+                    assert!((0.0..=1.3e-38).contains(&g), "[{i}] e^{x} -> {g}");
+                    continue;
+                }
+                let ulp = (want * f32::EPSILON).max(f32::MIN_POSITIVE);
+                assert!((g - want).abs() <= 3.0 * ulp, "[{i}] e^{x}: {g} vs {want}");
+            }
+            if !sum.is_nan() {
+                assert!(
+                    (sum as f64 - total).abs() <= 1e-5 * total.max(1e-30),
+                    "{sum} vs {total}"
+                );
+            }
+        }
+    }
     use crate::model::test_data::data;
     use candle_core::{DType, Device};
 
