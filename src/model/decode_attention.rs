@@ -199,9 +199,12 @@ fn kv_heads<T: CacheElem>(
     for (si, &slot) in slots.iter().enumerate() {
         ahead(k, si);
         let row = &k[slot as usize * kv_dim..][..width];
-        for (j, qv) in qs.chunks_exact(hd).enumerate() {
-            let kv = &row[j / groups * hd..][..hd];
-            scores[j * n + si] = dot(qv, kv) * h.scale;
+        // KV head by KV head, then its query heads: no division per head and slot.
+        for (kh, kv) in row.chunks_exact(hd).enumerate() {
+            for g in 0..groups {
+                let j = kh * groups + g;
+                scores[j * n + si] = dot(&qs[j * hd..][..hd], kv) * h.scale;
+            }
         }
     }
     for head in scores.chunks_mut(n.max(1)) {
@@ -226,11 +229,13 @@ fn kv_heads<T: CacheElem>(
     for (si, &slot) in slots.iter().enumerate() {
         ahead(v, si);
         let row = &v[slot as usize * kv_dim..][..width];
-        for (j, o) in out.chunks_exact_mut(hd).enumerate() {
-            let vv = &row[j / groups * hd..][..hd];
-            let p = scores[j * n + si];
-            for (o, &x) in o.iter_mut().zip(vv) {
-                *o += p * x.f32();
+        for (kh, vv) in row.chunks_exact(hd).enumerate() {
+            for g in 0..groups {
+                let j = kh * groups + g;
+                let p = scores[j * n + si];
+                for (o, &x) in out[j * hd..][..hd].iter_mut().zip(vv) {
+                    *o += p * x.f32();
+                }
             }
         }
     }
