@@ -338,6 +338,28 @@ impl Packed {
         }
     }
 
+    /// `parts` one under another as one weight (see [`packed::PackedWeight::concat`]), or
+    /// `None` where their formats or widths differ.
+    pub fn concat(parts: &[&Packed]) -> Option<Packed> {
+        macro_rules! all {
+            ($variant:ident) => {{
+                let ws: Option<Vec<_>> = parts
+                    .iter()
+                    .map(|p| match p {
+                        Self::$variant(w) => Some(w),
+                        _ => None,
+                    })
+                    .collect();
+                packed::PackedWeight::concat(&ws?).map(Self::$variant)
+            }};
+        }
+        match parts.first()? {
+            Self::Q4K(_) => all!(Q4K),
+            Self::Q8_0(_) => all!(Q8_0),
+            Self::Q4_0(_) => all!(Q4_0),
+        }
+    }
+
     /// `[out, in]`.
     pub fn dims(&self) -> (usize, usize) {
         match self {

@@ -121,6 +121,28 @@ impl<G: Group> PackedWeight<G> {
         Self { n, k, groups }
     }
 
+    /// The weights one under another (`[n1 + n2 + .., k]`), as one: each part's runs copied
+    /// in order. `None` unless all take the same inputs and all but the last fill whole runs
+    /// of 16 rows (so no padding row lands inside).
+    pub fn concat(parts: &[&Self]) -> Option<Self> {
+        let (first, rest) = parts.split_first()?;
+        let whole = parts[..parts.len() - 1]
+            .iter()
+            .all(|p| p.n.is_multiple_of(LANES));
+        if !whole || rest.iter().any(|p| p.k != first.k) {
+            return None;
+        }
+        let mut groups = Vec::with_capacity(parts.iter().map(|p| p.groups.len()).sum());
+        for p in parts {
+            groups.extend_from_slice(&p.groups);
+        }
+        Some(Self {
+            n: parts.iter().map(|p| p.n).sum(),
+            k: first.k,
+            groups,
+        })
+    }
+
     /// Output width (weight rows).
     pub fn rows(&self) -> usize {
         self.n
