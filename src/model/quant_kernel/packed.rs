@@ -156,14 +156,9 @@ impl<G: Group> PackedWeight<G> {
     /// `x [m, k] @ W^T`: `[m, n]` row-major, in passes of `chunk_rows` activation rows (whose
     /// rounded values stay in L2 while each group is multiplied by all of them).
     pub fn matmul(&self, x: &[f32], m: usize, chunk_rows: usize) -> Vec<f32> {
-        assert!(G::available() && x.len() >= m * self.k);
-        let (chunk, k) = (chunk_rows.max(1), self.k.max(1));
-        let mut out = vec![0f32; m * self.n];
-        for (pass, rows) in x[..m * self.k].chunks(chunk * k).enumerate() {
-            let acts = G::Acts::new(rows, self.k);
-            self.products(&acts.rows(), &mut out[pass * chunk * self.n..]);
-        }
-        out
+        self.products(None, x, m, chunk_rows, |tile, _, out| {
+            out.copy_from_slice(tile)
+        })
     }
 
     /// `gate(x Wg^T, x Wu^T)` with `self` the gate and `up` the up projection (both `[n, k]`),
@@ -178,40 +173,11 @@ impl<G: Group> PackedWeight<G> {
         chunk_rows: usize,
         combine: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
     ) -> Vec<f32> {
-        assert!(G::available() && x.len() >= m * self.k);
         assert!(
             up.n == self.n && up.k == self.k,
             "gate and up differ in shape"
         );
-        let (chunk, k, n) = (chunk_rows.max(1), self.k.max(1), self.n);
-        let mut out = vec![0f32; m * n];
-        for (pass, rows) in x[..m * self.k].chunks(chunk * k).enumerate() {
-            let acts = G::Acts::new(rows, self.k);
-            let xs = acts.rows();
-            let rows_here = xs.len();
-            let shared = SharedOut(out[pass * chunk * n..].as_mut_ptr());
-            self.in_tasks(rows_here, 2, |runs| {
-                let shared = &shared;
-                let mut gate = vec![0f32; rows_here * LANES];
-                let mut upt = vec![0f32; rows_here * LANES];
-                for g in runs {
-                    // SAFETY: `available()` checked above; the rows were made `k` wide.
-                    unsafe {
-                        kernel(&xs, self.run(g), &mut gate);
-                        kernel(&xs, up.run(g), &mut upt);
-                    }
-                    let (j, c) = (g * LANES, LANES.min(n - g * LANES));
-                    for i in 0..rows_here {
-                        // SAFETY: row i, columns j..j + c: inside `out`, and this task's alone.
-                        let dst =
-                            unsafe { std::slice::from_raw_parts_mut(shared.0.add(i * n + j), c) };
-                        let at = i * LANES..i * LANES + c;
-                        combine(&gate[at.clone()], &upt[at], dst);
-                    }
-                }
-            });
-        }
-        out
+        self.products(Some(up), x, m, chunk_rows, combine)
     }
 
     /// Run `g`'s groups.
@@ -220,30 +186,58 @@ impl<G: Group> PackedWeight<G> {
         &self.groups[g * kb..(g + 1) * kb]
     }
 
-    /// All activation rows' products into `out` (`[rows, n]` row-major).
-    fn products(&self, xs: &[RowOf<'_, G>], out: &mut [f32]) {
-        let (m, n) = (xs.len(), self.n);
-        assert!(out.len() >= m * n);
-        let shared = SharedOut(out.as_mut_ptr());
-        self.in_tasks(m, 1, |runs| {
-            let shared = &shared;
-            let mut tile = vec![0f32; m * LANES];
-            for g in runs {
-                // SAFETY: `matmul` checked `available()`; the rows were made `k` wide.
-                unsafe { kernel(xs, self.run(g), &mut tile) };
-                let (j, c) = (g * LANES, LANES.min(n - g * LANES));
-                for i in 0..m {
-                    // SAFETY: row i, columns j..j + c: inside `out`, and this task's alone.
+    /// `[m, n]` row-major from `x [m, k]`: in passes of `chunk_rows` activation rows, rounded
+    /// once per pass; per run of 16 weight rows, this weight's tile (and `other`'s, the same
+    /// shape, on the same rounded rows; empty without one) handed row by row to
+    /// `emit(tile, other_tile, out)`, `out` being that row's piece of up to 16 columns.
+    fn products(
+        &self,
+        other: Option<&Self>,
+        x: &[f32],
+        m: usize,
+        chunk_rows: usize,
+        emit: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+    ) -> Vec<f32> {
+        assert!(G::available() && x.len() >= m * self.k);
+        let (chunk, k, n) = (chunk_rows.max(1), self.k.max(1), self.n);
+        let mut out = vec![0f32; m * n];
+        for (pass, rows) in x[..m * self.k].chunks(chunk * k).enumerate() {
+            let acts = G::Acts::new(rows, self.k);
+            let xs = acts.rows();
+            let rows_here = xs.len();
+            let shared = SharedOut(out[pass * chunk * n..].as_mut_ptr());
+            self.in_tasks(rows_here, 1 + other.is_some() as usize, |runs| {
+                let shared = &shared;
+                let mut tile = vec![0f32; rows_here * LANES];
+                let mut other_tile = vec![
+                    0f32;
+                    if other.is_some() {
+                        rows_here * LANES
+                    } else {
+                        0
+                    }
+                ];
+                for g in runs {
+                    // SAFETY: `available()` checked above; the rows were made `k` wide.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            tile[i * LANES..].as_ptr(),
-                            shared.0.add(i * n + j),
-                            c,
-                        )
-                    };
+                        kernel(&xs, self.run(g), &mut tile);
+                        if let Some(o) = other {
+                            kernel(&xs, o.run(g), &mut other_tile);
+                        }
+                    }
+                    let (j, c) = (g * LANES, LANES.min(n - g * LANES));
+                    for i in 0..rows_here {
+                        // SAFETY: row i, columns j..j + c: inside `out`, and this task's alone.
+                        let dst =
+                            unsafe { std::slice::from_raw_parts_mut(shared.0.add(i * n + j), c) };
+                        let at = i * LANES..i * LANES + c;
+                        let o = other_tile.get(at.clone()).unwrap_or(&[]);
+                        emit(&tile[at], o, dst);
+                    }
                 }
-            }
-        });
+            });
+        }
+        out
     }
 
     /// Runs `task` on ranges of this weight's runs, shared out to the pool in chunks of at
