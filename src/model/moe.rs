@@ -2,6 +2,8 @@
 //! only on the tokens routed to them.
 
 use super::layers::{softmax_f32, swiglu, Linear};
+#[cfg(target_arch = "x86_64")]
+use super::quant_kernel::Packed;
 use crate::config::{Activation, RouterNorm};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -23,22 +25,35 @@ impl Expert {
         let h = swiglu(&gate, &up, act)?.to_dtype(xs.dtype())?;
         self.down.forward(&h)?.to_dtype(DType::F32)
     }
-}
 
-impl Expert {
+    /// Gate, up and down where all three are packed for this CPU and fit together (gate and
+    /// up one format and shape, down taking gate's width): what [`Expert::forward_packed`]
+    /// runs on.
+    #[cfg(target_arch = "x86_64")]
+    fn packed(&self) -> Option<(&Packed, &Packed, &Packed)> {
+        let (Linear::Packed(g), Linear::Packed(u), Linear::Packed(d)) =
+            (&self.gate, &self.up, &self.down)
+        else {
+            return None;
+        };
+        (g.dtype() == u.dtype() && g.dims() == u.dims() && d.dims().1 == g.dims().0)
+            .then_some((g, u, d))
+    }
+
+    /// Whether [`Expert::forward_packed`] takes this expert.
+    fn is_packed(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self.packed().is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     /// The same FFN on f32 rows `x` (`[m, hidden]`) where all three projections are packed
     /// for this CPU: the gate and up products share one rounding of the activations and one
     /// pass, SwiGLU applied as their tiles come out, no tensors in between. `None` otherwise.
     #[cfg(target_arch = "x86_64")]
     fn forward_packed(&self, x: &[f32], m: usize, act: Activation) -> Option<Vec<f32>> {
-        let (Linear::Packed(gate), Linear::Packed(up), Linear::Packed(down)) =
-            (&self.gate, &self.up, &self.down)
-        else {
-            return None;
-        };
-        if down.dims().1 != gate.dims().0 {
-            return None;
-        }
+        let (gate, up, down) = self.packed()?;
         let h = gate.gated_matmul(up, x, m, |g, u, out| {
             super::swiglu::gate_rows(act, g, u, out)
         })?;
@@ -48,17 +63,6 @@ impl Expert {
     #[cfg(not(target_arch = "x86_64"))]
     fn forward_packed(&self, _x: &[f32], _m: usize, _act: Activation) -> Option<Vec<f32>> {
         None
-    }
-
-    /// Whether [`Expert::forward_packed`] takes this expert.
-    fn is_packed(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if let (Linear::Packed(g), Linear::Packed(u), Linear::Packed(d)) =
-            (&self.gate, &self.up, &self.down)
-        {
-            return g.dtype() == u.dtype() && g.dims() == u.dims() && d.dims().1 == g.dims().0;
-        }
-        false
     }
 }
 
