@@ -252,52 +252,12 @@ fn exp_shifted(xs: &mut [f32], max: f32) -> f32 {
     sum
 }
 
-/// [`exp_shifted`] 8 lanes at a time: libm's `expf` one value per call was about a third of
-/// the decode attention's time at short contexts (16 heads x context exponentials a query).
-/// Cephes' `expf` polynomial, 2^n built in the exponent bits; arguments are clamped to
-/// [-87.3, 88.7] (2^n stays a normal number; below, the result is ~1e-38 instead of a
-/// subnormal, nothing a softmax can tell apart), NaN kept.
+/// [`exp_shifted`] 8 lanes at a time (`simd_exp.rs`): libm's `expf`, one value per call,
+/// was ~9% of the decode attention's CPU time (16 queries of ~48 slots, timed per layer).
 #[cfg(target_arch = "x86_64")]
 mod softmax_avx2 {
+    use super::super::simd_exp::exp8 as exp;
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp(x: __m256) -> __m256 {
-        // `max_ps` / `min_ps` return their second operand when one is NaN: x goes second.
-        let x = _mm256_max_ps(_mm256_set1_ps(-87.3), x);
-        let x = _mm256_min_ps(_mm256_set1_ps(88.7), x);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), f);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
-        }
-        let p = _mm256_fmadd_ps(
-            p,
-            _mm256_mul_ps(f, f),
-            _mm256_add_ps(f, _mm256_set1_ps(1.0)),
-        );
-        // 2^n for n in -126..=128: 128 only at the top clamp, where p < 1 keeps it finite.
-        let half = _mm256_cvtps_epi32(_mm256_mul_ps(n, _mm256_set1_ps(0.5)));
-        let rest = _mm256_sub_epi32(_mm256_cvtps_epi32(n), half);
-        let pow = |e: __m256i| {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-                e,
-                _mm256_set1_epi32(127),
-            )))
-        };
-        _mm256_mul_ps(_mm256_mul_ps(p, pow(half)), pow(rest))
-    }
 
     /// `s = e^(s - max)` over `xs`, returning their sum: 8-lane partial sums, then the tail.
     #[target_feature(enable = "avx2,fma")]

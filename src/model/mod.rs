@@ -11,6 +11,8 @@ mod mixtral;
 pub mod moe;
 mod quant;
 pub mod quant_kernel;
+#[cfg(target_arch = "x86_64")]
+mod simd_exp;
 pub mod small_matmul;
 mod swiglu;
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The experts' gating on plain f32 rows, `act(gate) * up`, for the packed experts' fused
 //! product. candle's SiLU calls libm's `expf` once per value through its generic map: in a
 //! 16-sequence q4k decode step that was 9% of the time, as much as all the attention. Here
-//! SiLU is vectorised with AVX-512 (Cephes' `expf` polynomial: a few ulp from libm's), and
+//! SiLU is vectorised with AVX-512 (`simd_exp.rs`: a few ulp from libm's), and
 //! the GELUs keep candle's per-value code.
 
 use crate::config::Activation;
@@ -33,37 +33,8 @@ pub fn scalar(act: Activation) -> fn(f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::simd_exp::exp16 as exp;
     use std::arch::x86_64::*;
-
-    /// `e^y` for 16 lanes: `y = n ln2 + f` with `|f| <= ln2 / 2`, Cephes' degree-6 polynomial
-    /// for `e^f`, and `scalef` for `2^n`, which saturates to 0 and infinity by itself (so
-    /// SiLU's `x / (1 + e^-x)` needs no clamping) and carries NaN through.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn exp(y: __m512) -> __m512 {
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(y, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        // ln 2 in two parts, so `n * C1` is exact.
-        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), y);
-        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), f);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-        }
-        let p = _mm512_fmadd_ps(
-            p,
-            _mm512_mul_ps(f, f),
-            _mm512_add_ps(f, _mm512_set1_ps(1.0)),
-        );
-        _mm512_scalef_ps(p, n)
-    }
 
     /// `out = silu(gate) * up`, 16 values a step, the tail masked: every value takes the same
     /// instructions wherever it sits.
