@@ -34,6 +34,7 @@ fn start(dir: &str) -> Engine {
         // Distinct prompts anyway; off so every run computes the same work.
         prefix_caching: false,
         max_waiting: None,
+        kv_cache_dtype: None,
     };
     Engine::start(model, tokenizer, config).expect("engine")
 }

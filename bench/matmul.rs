@@ -8,8 +8,10 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
+use mixserve::config::Activation;
 use mixserve::model::quant_kernel::{quantized_matmul_t, Packed};
 use mixserve::model::small_matmul::small_matmul_t;
+use mixserve::model::swiglu::gate_rows;
 use std::time::Instant;
 
 fn time(
@@ -194,11 +196,7 @@ fn stream_experts() -> candle_core::Result<()> {
             let t = Instant::now();
             for (g, u, d) in &experts {
                 let hidden = g
-                    .gated_matmul(u, &x, m, |g, u, o| {
-                        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                            *o = g / (1.0 + (-g).exp()) * u;
-                        }
-                    })
+                    .gated_matmul(u, &x, m, |g, u, o| gate_rows(Activation::Silu, g, u, o))
                     .unwrap_or_default();
                 std::hint::black_box(d.matmul(&hidden, m));
             }

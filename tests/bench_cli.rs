@@ -50,6 +50,7 @@ fn bench_writes_one_json_line_per_configuration() {
         assert_eq!(row["model"], "tiny-mixtral", "{row}");
         assert_eq!(row["dtype"], "f32", "{row}");
         assert!(row["quant"].is_null(), "{row}");
+        assert_eq!(row["kv_cache_dtype"], "f32", "{row}");
         assert_eq!(row["concurrency"], concurrency, "{row}");
         for field in [
             "decode_tok_s",

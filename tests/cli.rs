@@ -66,6 +66,42 @@ fn greedy_prompt_streams_the_reference_continuation() {
     }
 }
 
+/// `--kv-cache-dtype f16` halves the cache and keeps the reference's greedy continuation on
+/// the shipped model (its rounding moves no top-1 there); an unknown type is a clear error.
+#[test]
+fn half_precision_kv_cache_keeps_the_greedy_continuation() {
+    let (prompt, expected) = reference_text("tiny-mixtral", 0);
+    let args = |kv: &'static str| {
+        [
+            "run",
+            "--model",
+            "models/tiny-mixtral",
+            "--prompt",
+            &prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--kv-cache-dtype",
+            kv,
+        ]
+        .map(String::from)
+    };
+    let out = mixserve(&args("f16").each_ref().map(String::as_str));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim_end_matches('\n').trim_start(),
+        expected.trim_start()
+    );
+    let bad = mixserve(&args("f8").each_ref().map(String::as_str));
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--kv-cache-dtype"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
 #[test]
 fn default_model_and_prompt_from_stdin() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mixserve"))

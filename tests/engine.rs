@@ -47,6 +47,7 @@ fn config(num_blocks: usize, prefix_caching: bool) -> EngineConfig {
         block_size: BLOCK_SIZE,
         prefix_caching,
         max_waiting: None,
+        kv_cache_dtype: None,
     }
 }
 
@@ -384,6 +385,36 @@ fn batching_does_not_change_greedy_outputs() {
             s.steps
         );
     }
+}
+
+/// With an f16 KV cache (`--kv-cache-dtype f16`) a sequence's greedy tokens are the same
+/// alone and among others: what batching shares does not depend on the cache's type.
+#[test]
+fn batching_does_not_change_greedy_outputs_with_an_f16_kv_cache() {
+    let name = FAMILIES[0];
+    let prompts = varied_prompts(&reference(name));
+    let half = EngineConfig {
+        kv_cache_dtype: Some(DType::F16),
+        ..config(ROOMY, false)
+    };
+    let solo_engine = start(name, half.clone());
+    let solo: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run(&solo_engine, greedy(p, 16)).tokens())
+        .collect();
+    let engine = start(name, with_token_budget(half, 128));
+    let streams = prompts
+        .iter()
+        .map(|p| engine.submit(greedy(p, 16)).unwrap())
+        .collect();
+    for (i, out) in drain_all(&engine, streams, name).iter().enumerate() {
+        assert_eq!(
+            out.tokens(),
+            solo[i],
+            "{name} prompt {i}: batched vs alone, f16 KV"
+        );
+    }
+    assert_idle(&engine, name);
 }
 
 // ---------------------------------------------------------------------------------------------

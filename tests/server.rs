@@ -79,6 +79,7 @@ fn start_engine(max_waiting: Option<usize>) -> Arc<Engine> {
         block_size: 16,
         prefix_caching: true,
         max_waiting,
+        kv_cache_dtype: None,
     };
     Arc::new(Engine::start(load_model(MODEL, DType::F32), tokenizer(), config).unwrap())
 }

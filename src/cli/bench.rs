@@ -109,6 +109,8 @@ pub struct BenchArgs {
 struct Row {
     dtype: DType,
     quant: Option<Quant>,
+    /// The KV cache's element type.
+    kv_dtype: DType,
     concurrency: usize,
     prefill_tok_s: f64,
     prefill_ttft_s: f64,
@@ -190,7 +192,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let matmul_peak = matmul_peak_of(&mut peaks, dtype, args.matmul_size, &device)?;
         let cfg = model.config().clone();
         let mut config = args.engine.config(&model)?;
-        config.num_blocks = kv_blocks(&args, &model, config.block_size)?;
+        let kv_dtype = config.kv_cache_dtype.unwrap_or(dtype);
+        config.num_blocks = kv_blocks(&args, &model, config.block_size, kv_dtype)?;
         config.max_waiting = None;
         let engine = Engine::start(model, tokenizer, config)?;
         let mut next_prompt = |len: usize| {
@@ -225,10 +228,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 // Mean context over the decode steps: the prompt, then half the new tokens.
                 let avg_context = (args.decode_prompt_tokens + 1) as f64
                     + (args.decode_tokens.saturating_sub(1)) as f64 / 2.0;
-                let roofline = Roofline::new(&cfg, dtype, quant, c, avg_context);
+                let roofline = Roofline::new(&cfg, dtype, quant, kv_dtype, c, avg_context);
                 rows.push(Row {
                     dtype,
                     quant,
+                    kv_dtype,
                     concurrency: c,
                     prefill_tok_s,
                     prefill_ttft_s,
@@ -365,12 +369,17 @@ fn load(
 /// within the `--kv-cache-memory` budget. Only what is needed is allocated: a bf16 cache is
 /// written (zeroed) in full when created, so a larger one would inflate the peak RSS of bf16
 /// runs but not of f32 ones, whose zeroed pages stay untouched until used.
-fn kv_blocks(args: &BenchArgs, model: &MoeModel, block_size: usize) -> Result<usize> {
+fn kv_blocks(
+    args: &BenchArgs,
+    model: &MoeModel,
+    block_size: usize,
+    kv_dtype: DType,
+) -> Result<usize> {
     let per_seq = |prompt: usize, new: usize| (prompt + new).div_ceil(block_size) + 1;
     let most = args.concurrency.iter().copied().max().unwrap_or(1);
     let needed = per_seq(args.prompt_tokens, 1)
         .max(most * per_seq(args.decode_prompt_tokens, args.decode_tokens));
-    let bytes = needed as u64 * model.kv_bytes_per_block(block_size) as u64;
+    let bytes = needed as u64 * model.kv_bytes_per_block(block_size, Some(kv_dtype)) as u64;
     if bytes > args.engine.kv_cache_memory {
         bail!(
             "the largest concurrency needs {} of KV cache, more than --kv-cache-memory {}",
@@ -489,13 +498,14 @@ impl Roofline {
     /// Attention, router and norm weights of every layer, the LM head (kept in f32) and final
     /// norm, the batch's embedding rows, the experts the step touches — `E · (1 − (1 − k/E)^B)`
     /// per layer for `B` tokens routed uniformly — and each sequence's KV cache at
-    /// `avg_context` tokens.
+    /// `avg_context` tokens, in `kv_dtype`.
     /// With `quant`, the projections (attention, experts, LM head) count at its bytes per
     /// weight, scales included; the router and embeddings stay in `dtype`.
     fn new(
         cfg: &MoeConfig,
         dtype: DType,
         quant: Option<Quant>,
+        kv_dtype: DType,
         batch: usize,
         avg_context: f64,
     ) -> Self {
@@ -522,7 +532,7 @@ impl Roofline {
         let expert = 3.0 * h * cfg.intermediate_size as f64 * proj;
         let experts_per_layer = e * (1.0 - (1.0 - k / e).powf(b));
         let globals = cfg.vocab_size as f64 * h * head + h * f32b + b * h * w;
-        let kv_cache = b * avg_context * kv * 2.0 * layers * w;
+        let kv_cache = b * avg_context * kv * 2.0 * layers * kv_dtype.size_in_bytes() as f64;
         let bytes_per_step =
             layers * (attention + router + norms + experts_per_layer * expert) + globals + kv_cache;
         Self {
@@ -685,7 +695,7 @@ fn print_header(
     println!(
         "roofline: bytes/step = per layer (attention + router + norms + X experts) + LM head (f32, or \
          quantized with --quant) \
-         + embeddings + KV cache read (N x mean context x kv_dim x 2 x layers x dtype size), \
+         + embeddings + KV cache read (N x mean context x kv_dim x 2 x layers x KV dtype size), \
          X = E(1 - (1 - k/E)^N) distinct experts per layer (uniform routing); roofline tok/s = \
          N x bandwidth / bytes/step; bandwidth (GB/s) = memory read bandwidth measured before \
          each configuration and each --rounds round ({} streamed by {threads} threads, best of \
@@ -694,8 +704,9 @@ fn print_header(
     );
     println!("peak RSS: VmHWM during each configuration (reset before it)");
     println!(
-        "{:>5} {:>5} {:>13} {:>8} {:>8} {:>8} {:>8} {:>12} {:>8} {:>9} {:>6} {:>14} {:>9} {:>12}",
+        "{:>5} {:>4} {:>5} {:>13} {:>8} {:>8} {:>8} {:>8} {:>12} {:>8} {:>9} {:>6} {:>14} {:>9} {:>12}",
         "dtype",
+        "KV",
         "N",
         "prefill tok/s",
         "prefill",
@@ -714,8 +725,9 @@ fn print_header(
 
 fn print_row(r: &Row) {
     println!(
-        "{:>5} {:>5} {:>13.1} {:>7.3}s {:>8.1} {:>7.1}% {:>8.3} {:>12.2} {:>8.2} {:>9.1} {:>6.1} {:>14.2} {:>8.1}% {:>12}",
+        "{:>5} {:>4} {:>5} {:>13.1} {:>7.3}s {:>8.1} {:>7.1}% {:>8.3} {:>12.2} {:>8.2} {:>9.1} {:>6.1} {:>14.2} {:>8.1}% {:>12}",
         r.quant.map_or(r.dtype.as_str(), Quant::name),
+        r.kv_dtype.as_str(),
         r.concurrency,
         r.prefill_tok_s,
         r.prefill_ttft_s,
@@ -741,6 +753,7 @@ fn json_line(name: &str, r: &Row, load_peak: Option<f64>) -> serde_json::Value {
         "model": name,
         "dtype": r.dtype.as_str(),
         "quant": r.quant.map(Quant::name),
+        "kv_cache_dtype": r.kv_dtype.as_str(),
         "concurrency": r.concurrency,
         "decode_tok_s": r.decode_tok_s,
         "prefill_tok_s": r.prefill_tok_s,
@@ -773,6 +786,7 @@ mod tests {
         let row = |rate: f64, bandwidth: f64| Row {
             dtype: DType::F32,
             quant: None,
+            kv_dtype: DType::F32,
             concurrency: 1,
             prefill_tok_s: 1.0,
             prefill_ttft_s: 1.0,
@@ -780,7 +794,7 @@ mod tests {
             matmul_peak_gflop_s: 1.0,
             ttft_s: 0.1,
             decode_tok_s: rate,
-            roofline: Roofline::new(&cfg, DType::F32, None, 1, 1.0),
+            roofline: Roofline::new(&cfg, DType::F32, None, DType::F32, 1, 1.0),
             roofline_tok_s: 50.0,
             bandwidth_gb_s: bandwidth,
             peak_rss_mb: None,
@@ -800,20 +814,25 @@ mod tests {
         let kind = SyntheticKind::Mixtral;
         let json = synthetic::config_json(kind, kind.full_dims());
         let cfg = MoeConfig::from_json_str(&json, "config.json").unwrap();
-        let one = Roofline::new(&cfg, DType::F32, None, 1, 0.0);
+        let one = Roofline::new(&cfg, DType::F32, None, DType::F32, 1, 0.0);
         assert!((one.experts_per_layer - 2.0).abs() < 1e-9);
-        let many = Roofline::new(&cfg, DType::F32, None, 64, 0.0);
+        let many = Roofline::new(&cfg, DType::F32, None, DType::F32, 64, 0.0);
         assert!((many.experts_per_layer - 8.0).abs() < 1e-6);
         // bf16 weights halve everything but the f32 LM head and norms.
-        let bf16 = Roofline::new(&cfg, DType::BF16, None, 1, 0.0);
+        let bf16 = Roofline::new(&cfg, DType::BF16, None, DType::BF16, 1, 0.0);
         assert!(bf16.bytes_per_step < one.bytes_per_step * 0.6);
         // Per token, batching reads fewer bytes.
         assert!(many.bytes_per_step / 64.0 < one.bytes_per_step / 4.0);
         // q8_0 projections: 34 bytes per 32 weights, about 0.27 of f32 (router, embeddings and
         // KV stay f32).
-        let q8 = Roofline::new(&cfg, DType::F32, Some(Quant::Q8_0), 1, 0.0);
+        let q8 = Roofline::new(&cfg, DType::F32, Some(Quant::Q8_0), DType::F32, 1, 0.0);
         let ratio = q8.bytes_per_step / one.bytes_per_step;
         assert!((0.26..0.30).contains(&ratio), "{ratio}");
+        // An f16 KV cache halves the KV bytes and nothing else.
+        let kv32 = Roofline::new(&cfg, DType::F32, Some(Quant::Q4K), DType::F32, 16, 100.0);
+        let kv16 = Roofline::new(&cfg, DType::F32, Some(Quant::Q4K), DType::F16, 16, 100.0);
+        let kv_bytes = 16.0 * 100.0 * cfg.kv_dim() as f64 * 2.0 * cfg.num_layers as f64 * 4.0;
+        assert!((kv32.bytes_per_step - kv16.bytes_per_step - kv_bytes / 2.0).abs() < 1.0);
     }
 
     #[test]

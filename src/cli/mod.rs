@@ -11,7 +11,7 @@ use crate::loader::{self, DTypeArg, ModelFiles, WeightSource};
 use crate::model::{MoeModel, Quant, DEFAULT_BLOCK_SIZE};
 use crate::text::Tokenizer;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::path::PathBuf;
 
 /// Where the model comes from and how it runs; shared by every command.
@@ -76,6 +76,34 @@ pub struct EngineArgs {
     /// Turn off prefix caching (reuse of the KV blocks of shared prompt prefixes).
     #[arg(long)]
     pub no_prefix_cache: bool,
+
+    /// Element type of the KV cache: auto keeps the compute dtype (f32 on CPU, exact parity);
+    /// f16 or bf16 halve its memory (twice the tokens in --kv-cache-memory) and the bytes
+    /// each decode step reads from it, at a rounding of the keys and values.
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
+    pub kv_cache_dtype: KvCacheDtype,
+}
+
+/// `--kv-cache-dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvCacheDtype {
+    /// The model's compute dtype.
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvCacheDtype {
+    /// The cache's dtype for a model computing in `compute`.
+    pub fn resolve(self, compute: DType) -> DType {
+        match self {
+            Self::Auto => compute,
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -174,7 +202,8 @@ impl EngineArgs {
         if self.max_num_batched_tokens == 0 || self.max_num_seqs == 0 {
             bail!("--max-num-batched-tokens and --max-num-seqs must be at least 1");
         }
-        let per_block = model.kv_bytes_per_block(self.block_size) as u64;
+        let kv_dtype = self.kv_cache_dtype.resolve(model.dtype());
+        let per_block = model.kv_bytes_per_block(self.block_size, Some(kv_dtype)) as u64;
         let num_blocks = (self.kv_cache_memory / per_block) as usize;
         if num_blocks == 0 {
             bail!(
@@ -187,7 +216,7 @@ impl EngineArgs {
         tracing::info!(
             blocks = num_blocks,
             tokens = num_blocks * self.block_size,
-            "KV cache: {} in {num_blocks} blocks of {} tokens ({} tokens)",
+            "KV cache: {} of {kv_dtype:?} in {num_blocks} blocks of {} tokens ({} tokens)",
             bytesize::ByteSize(num_blocks as u64 * per_block),
             self.block_size,
             num_blocks * self.block_size
@@ -201,6 +230,7 @@ impl EngineArgs {
             block_size: self.block_size,
             prefix_caching: !self.no_prefix_cache,
             max_waiting: None,
+            kv_cache_dtype: Some(kv_dtype),
         })
     }
 }

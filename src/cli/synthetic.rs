@@ -377,7 +377,7 @@ mod tests {
     fn logits(cfg: &MoeConfig, tensors: HashMap<String, Tensor>, dtype: DType) -> Vec<f32> {
         let weights = WeightSource::from_tensors(tensors, &Device::Cpu, dtype).unwrap();
         let model = MoeModel::load(cfg, &weights).unwrap();
-        let cache = model.new_kv_cache(2, 16).unwrap();
+        let cache = model.new_kv_cache(2, 16, None).unwrap();
         let mut batch = Batch::default();
         let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 1000).collect();
         batch.push_seq(&tokens, tokens.len(), vec![0, 1]);

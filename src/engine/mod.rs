@@ -20,6 +20,7 @@ pub use scheduler::SchedulerConfig;
 
 use crate::model::{ModelError, MoeModel};
 use crate::text::Tokenizer;
+use candle_core::DType;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,8 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     /// Requests queued but not yet started beyond which `submit` refuses (HTTP 429).
     pub max_waiting: Option<usize>,
+    /// Element type of the KV cache; `None`: the model's compute dtype.
+    pub kv_cache_dtype: Option<DType>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +151,8 @@ impl Engine {
         tokenizer: Tokenizer,
         config: EngineConfig,
     ) -> Result<Self, ModelError> {
-        let cache = model.new_kv_cache(config.num_blocks, config.block_size)?;
+        let cache =
+            model.new_kv_cache(config.num_blocks, config.block_size, config.kv_cache_dtype)?;
         let mut eos: Vec<u32> = tokenizer.eos_token_ids().to_vec();
         eos.extend(&model.config().eos_token_ids);
         eos.sort_unstable();

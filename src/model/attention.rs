@@ -103,8 +103,12 @@ impl Attention {
         // everything its block table holds (earlier chunks and steps included).
         let (k_cache, v_cache) = cache.layer(layer);
         let kv_dim = self.num_kv_heads * self.head_dim;
-        k_cache.scatter_set(&batch.slot_index, &k.reshape((n, kv_dim))?.contiguous()?, 0)?;
-        v_cache.scatter_set(&batch.slot_index, &v.contiguous()?.reshape((n, kv_dim))?, 0)?;
+        // Keys and values take the cache's element type (`--kv-cache-dtype`) as they go in.
+        let kv_dtype = k_cache.dtype();
+        let k_in = k.reshape((n, kv_dim))?.to_dtype(kv_dtype)?.contiguous()?;
+        let v_in = v.contiguous()?.reshape((n, kv_dim))?.to_dtype(kv_dtype)?;
+        k_cache.scatter_set(&batch.slot_index, &k_in, 0)?;
+        v_cache.scatter_set(&batch.slot_index, &v_in, 0)?;
 
         let groups = self.num_heads / self.num_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -158,11 +162,13 @@ impl Attention {
                 .reshape((self.num_kv_heads, groups * t, self.head_dim))?;
             let k_s = k_cache
                 .index_select(&seq.ctx_slots, 0)?
+                .to_dtype(q.dtype())?
                 .reshape((c, self.num_kv_heads, self.head_dim))?
                 .transpose(0, 1)?
                 .contiguous()?;
             let v_s = v_cache
                 .index_select(&seq.ctx_slots, 0)?
+                .to_dtype(q.dtype())?
                 .reshape((c, self.num_kv_heads, self.head_dim))?
                 .transpose(0, 1)?
                 .contiguous()?;

@@ -14,7 +14,7 @@ pub mod quant_kernel;
 #[cfg(target_arch = "x86_64")]
 mod simd_exp;
 pub mod small_matmul;
-mod swiglu;
+pub mod swiglu;
 #[cfg(test)]
 mod test_data;
 
@@ -170,24 +170,33 @@ impl MoeModel {
         self.rope.max_positions()
     }
 
-    /// A paged KV cache for this model in its compute dtype.
+    /// A paged KV cache for this model holding `dtype` (`None`: its compute dtype).
     pub fn new_kv_cache(
         &self,
         num_blocks: usize,
         block_size: usize,
+        dtype: Option<DType>,
     ) -> Result<KvCache, ModelError> {
+        let dtype = dtype.unwrap_or(self.dtype());
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(candle_core::Error::Msg(format!(
+                "a KV cache of {dtype:?}: use f32, f16 or bf16"
+            ))
+            .into());
+        }
         Ok(KvCache::new(
             &self.cfg,
             num_blocks,
             block_size,
-            self.dtype(),
+            dtype,
             self.device(),
         )?)
     }
 
-    /// Bytes one KV block of `block_size` tokens costs for this model.
-    pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
-        KvCache::bytes_per_block(&self.cfg, block_size, self.dtype())
+    /// Bytes one KV block of `block_size` tokens costs for this model, in `dtype` (`None`:
+    /// its compute dtype).
+    pub fn kv_bytes_per_block(&self, block_size: usize, dtype: Option<DType>) -> usize {
+        KvCache::bytes_per_block(&self.cfg, block_size, dtype.unwrap_or(self.dtype()))
     }
 
     /// Per layer, per expert: tokens routed to it since the model was loaded.

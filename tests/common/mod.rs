@@ -96,8 +96,13 @@ pub struct Blocks {
 
 impl Blocks {
     pub fn new(model: &MoeModel, num_blocks: usize) -> Self {
+        Self::of(model, num_blocks, None)
+    }
+
+    /// A cache of `dtype` (`None`: the model's compute dtype).
+    pub fn of(model: &MoeModel, num_blocks: usize, dtype: Option<DType>) -> Self {
         Self {
-            cache: model.new_kv_cache(num_blocks, 16).unwrap(),
+            cache: model.new_kv_cache(num_blocks, 16, dtype).unwrap(),
             next: 0,
         }
     }
