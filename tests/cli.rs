@@ -37,22 +37,29 @@ fn reference_text(name: &str, i: usize) -> (String, String) {
     )
 }
 
+/// `mixserve run` of `prompt` on the shipped model `name`, greedy, 24 tokens, with `extra` flags.
+fn greedy_run(name: &str, prompt: &str, extra: &[&str]) -> Output {
+    let model = format!("models/{name}");
+    let mut args = vec![
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ];
+    args.extend_from_slice(extra);
+    mixserve(&args)
+}
+
 #[test]
 fn greedy_prompt_streams_the_reference_continuation() {
     for name in FAMILIES {
         let (prompt, expected) = reference_text(name, 0);
-        let model = format!("models/{name}");
-        let out = mixserve(&[
-            "run",
-            "--model",
-            &model,
-            "--prompt",
-            &prompt,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "24",
-        ]);
+        let out = greedy_run(name, &prompt, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         // The reference decodes the new ids alone; streamed in the prompt's context, a first
         // token like "▁collections" keeps its space, as OpenAI-style servers return it.
@@ -71,29 +78,13 @@ fn greedy_prompt_streams_the_reference_continuation() {
 #[test]
 fn half_precision_kv_cache_keeps_the_greedy_continuation() {
     let (prompt, expected) = reference_text("tiny-mixtral", 0);
-    let args = |kv: &'static str| {
-        [
-            "run",
-            "--model",
-            "models/tiny-mixtral",
-            "--prompt",
-            &prompt,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "24",
-            "--kv-cache-dtype",
-            kv,
-        ]
-        .map(String::from)
-    };
-    let out = mixserve(&args("f16").each_ref().map(String::as_str));
+    let out = greedy_run("tiny-mixtral", &prompt, &["--kv-cache-dtype", "f16"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         stdout(&out).trim_end_matches('\n').trim_start(),
         expected.trim_start()
     );
-    let bad = mixserve(&args("f8").each_ref().map(String::as_str));
+    let bad = greedy_run("tiny-mixtral", &prompt, &["--kv-cache-dtype", "f8"]);
     assert!(!bad.status.success());
     assert!(
         stderr(&bad).contains("--kv-cache-dtype"),
@@ -181,17 +172,7 @@ fn seeded_sampling_is_reproducible() {
 fn experts_per_token_override() {
     let (prompt, default_text) = reference_text("tiny-mixtral", 0);
     for k in ["1", "3"] {
-        let out = mixserve(&[
-            "run",
-            "-p",
-            &prompt,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "24",
-            "--experts-per-token",
-            k,
-        ]);
+        let out = greedy_run("tiny-mixtral", &prompt, &["--experts-per-token", k]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_ne!(
             stdout(&out).trim_end_matches('\n'),

@@ -30,10 +30,7 @@ fn f32_logits_and_greedy_match_reference() {
             let mut generated = vec![next];
             for step in 1..p.greedy.len() {
                 let ctx = p.input_ids.len() + step;
-                let mut batch = Batch::default();
-                batch.push_seq(&[next], ctx, table.clone());
-                batch.logits_rows = vec![0];
-                let l = model.forward(&batch, &blocks.cache).unwrap();
+                let l = decode(&model, &blocks.cache, next, ctx, &table);
                 next = argmax(&l.get(0).unwrap());
                 generated.push(next);
             }
@@ -71,10 +68,7 @@ fn half_precision_kv_caches_stay_close_to_reference() {
                 for (step, &want) in p.greedy.iter().enumerate() {
                     agree += (top == want) as usize;
                     total += 1;
-                    let mut batch = Batch::default();
-                    batch.push_seq(&[want], n + step + 1, table.clone());
-                    batch.logits_rows = vec![0];
-                    let l = model.forward(&batch, &blocks.cache).unwrap();
+                    let l = decode(&model, &blocks.cache, want, n + step + 1, &table);
                     top = argmax(&l.get(0).unwrap());
                 }
             }
@@ -231,16 +225,8 @@ fn quantized_agreement(name: &str, quant: Quant) -> (f64, f64, f32) {
         for (s, &want) in p.greedy.iter().enumerate() {
             free += (next == want) as usize;
             total += 1;
-            let mut batch = Batch::default();
-            batch.push_seq(&[next], n + s + 1, table.clone());
-            batch.logits_rows = vec![0];
-            next = argmax(
-                &model
-                    .forward(&batch, &blocks.cache)
-                    .unwrap()
-                    .get(0)
-                    .unwrap(),
-            );
+            let l = decode(&model, &blocks.cache, next, n + s + 1, &table);
+            next = argmax(&l.get(0).unwrap());
         }
     }
     let frac = |c: usize| c as f64 / total as f64;
@@ -360,10 +346,7 @@ fn sliding_window_prefill_matches_decode() {
     let table = blocks.table(n);
     let mut stepped = Vec::new();
     for (i, &t) in ids.iter().enumerate() {
-        let mut batch = Batch::default();
-        batch.push_seq(&[t], i + 1, table.clone());
-        batch.logits_rows = vec![0];
-        stepped.push(windowed.forward(&batch, &blocks.cache).unwrap());
+        stepped.push(decode(&windowed, &blocks.cache, t, i + 1, &table));
     }
     let stepped = Tensor::cat(&stepped, 0).unwrap();
     let diff = max_abs_diff(&prefilled, &stepped);

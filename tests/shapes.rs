@@ -276,10 +276,13 @@ fn greedy(model: &MoeModel, ids: &[u32], steps: usize) -> (Vec<u32>, Tensor) {
         let next = argmax(&rows[step].get(0).unwrap());
         tokens.push(next);
         if step + 1 < steps {
-            let mut batch = Batch::default();
-            batch.push_seq(&[next], ids.len() + step + 1, table.clone());
-            batch.logits_rows = vec![0];
-            rows.push(model.forward(&batch, &blocks.cache).unwrap());
+            rows.push(decode(
+                model,
+                &blocks.cache,
+                next,
+                ids.len() + step + 1,
+                &table,
+            ));
         }
     }
     (tokens, Tensor::cat(&rows, 0).unwrap())

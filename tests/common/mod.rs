@@ -129,3 +129,12 @@ pub fn prefill(
     batch.logits_rows = rows.to_vec();
     model.forward(&batch, blocks).unwrap()
 }
+
+/// One decode step of one sequence: `token` at context length `ctx` (itself included) over
+/// the cache its `table` maps; its logits, `[1, vocab]`.
+pub fn decode(model: &MoeModel, blocks: &KvCache, token: u32, ctx: usize, table: &[u32]) -> Tensor {
+    let mut batch = Batch::default();
+    batch.push_seq(&[token], ctx, table.to_vec());
+    batch.logits_rows = vec![0];
+    model.forward(&batch, blocks).unwrap()
+}
