@@ -12,6 +12,16 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+use avx512::Load16 as Simd;
+/// What the x86 kernels need of a cache element, needed of none elsewhere.
+#[cfg(not(target_arch = "x86_64"))]
+trait Simd {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> Simd for T {}
+
 /// Shapes of the attention being computed.
 #[derive(Clone, Copy)]
 pub struct Heads {
@@ -28,7 +38,7 @@ pub struct Query<'a> {
 }
 
 /// A KV cache element read as f32.
-trait CacheElem: Copy + Send + Sync {
+trait CacheElem: Copy + Send + Sync + Simd {
     fn f32(self) -> f32;
     /// Whether a row is converted whole ([`CacheElem::widen`]) before the loops read it,
     /// rather than an element at a time inside them. f16's one-at-a-time conversion made the
@@ -140,6 +150,15 @@ fn run<T: CacheElem>(
         let run = per_task.min(h.num_kv_heads - kh);
         let qs = &q[query.row * q_dim + kh * groups * hd..][..run * groups * hd];
         let (k, v) = (&k[kh * hd..], &v[kh * hd..]);
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            // SAFETY: the CPU has AVX-512 F, BW and VL; every slot was checked to be inside
+            // the caches, and `k` / `v` start at KV head `kh`'s first element.
+            let out = unsafe { avx512::kv_heads(qs, k, v, query.slots, kv_dim, run, hd, h.scale) };
+            if let Some(out) = out {
+                return out;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if super::small_matmul::has_simd() {
             // SAFETY: the CPU has AVX2, FMA and F16C.
