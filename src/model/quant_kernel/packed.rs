@@ -7,6 +7,7 @@ use super::super::small_matmul::{SharedOut, MIN_WEIGHTS_PER_TASK};
 use super::{as_blocks, RawBlock};
 use candle_core::{bail, Result};
 use rayon::prelude::*;
+use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA};
 
 /// Weight rows interleaved in one group.
 pub const LANES: usize = 16;
@@ -22,6 +23,12 @@ pub fn vnni() -> bool {
 /// idle during all passes but the first, and fetching the next run during them overlaps the
 /// two. Only the first pass over a run prefetches: later ones would ask again for lines
 /// already on their way.
+///
+/// The hint is non-temporal: a decode step reads every packed weight once (hundreds of MB
+/// through a 32 MB L3), and with T0 those reads pushed out of L3 what the step reads again,
+/// the KV cache above all. Alternating every 8 steps in one process: q4k 2.9% faster a step
+/// at 1 and at 16 sequences, q8_0 2.9% / 0.6%, the synthetic DBRX at 16 the same; later
+/// passes over a run still find it in L1 (prefill unchanged).
 #[inline(always)]
 pub fn prefetch_next_run<G>(g: *const G, run: usize) {
     prefetch_next_run_part(g, run, 0, 1);
@@ -37,10 +44,15 @@ pub fn prefetch_next_run_part<G>(g: *const G, run: usize, part: usize, parts: us
     let lines = std::mem::size_of::<G>().div_ceil(64);
     let per = lines.div_ceil(parts.max(1));
     let first = part * per;
-    super::super::small_matmul::prefetch_lines(
-        (g.wrapping_add(ahead) as *const u8).wrapping_add(first * 64),
-        per.min(lines.saturating_sub(first)) * 64,
-    );
+    let start = (g.wrapping_add(ahead) as *const u8).wrapping_add(first * 64);
+    let bytes = per.min(lines.saturating_sub(first)) * 64;
+    let mut off = 0;
+    while off < bytes {
+        // SAFETY: a prefetch never faults, whatever the address (SSE, always on x86_64);
+        // the next run may lie past the weight's end.
+        unsafe { _mm_prefetch::<_MM_HINT_NTA>(start.wrapping_add(off) as *const i8) };
+        off += 64;
+    }
 }
 
 /// The farthest [`prefetch_next_run`] reaches (well inside a core's L2).
