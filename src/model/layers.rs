@@ -204,7 +204,6 @@ impl RotaryEmbedding {
 /// memory order: candle's loop has the heads innermost, a stride of a head per step, and took
 /// ~20 us a layer for 16 decode tokens' queries and keys. `None` for anything else.
 fn rope_cpu_f32(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
-    use candle_core::{CpuStorage, Storage};
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(f32_cpu(xs) && f32_cpu(cos) && f32_cpu(sin)) {
         return Ok(None);
@@ -218,14 +217,15 @@ fn rope_cpu_f32(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let mut out = vec![0f32; n * heads * d];
     {
-        let slice = |t: &Tensor| -> Option<Vec<f32>> {
-            let (storage, layout) = t.storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(v[a..b].to_vec()),
-                _ => None,
-            }
-        };
-        let (Some(src), Some(cos), Some(sin)) = (slice(&xs), slice(&cos), slice(&sin)) else {
+        // Borrowed in place: the storages stay locked for reading until the loop is done.
+        let (xs_s, xs_l) = xs.storage_and_layout();
+        let (cos_s, cos_l) = cos.storage_and_layout();
+        let (sin_s, sin_l) = sin.storage_and_layout();
+        let (Some(src), Some(cos), Some(sin)) = (
+            f32_slice(&xs_s, xs_l),
+            f32_slice(&cos_s, cos_l),
+            f32_slice(&sin_s, sin_l),
+        ) else {
             return Ok(None);
         };
         for (t, rows) in out.chunks_exact_mut(heads * d).enumerate() {
@@ -242,6 +242,19 @@ fn rope_cpu_f32(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor
         }
     }
     Ok(Some(Tensor::from_vec(out, (n, heads, d), xs.device())?))
+}
+
+/// A contiguous CPU f32 storage's elements, borrowed.
+fn f32_slice<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+            Some(&v[a..b])
+        }
+        _ => None,
+    }
 }
 
 /// SiLU gate times up, the SwiGLU of both families' experts.

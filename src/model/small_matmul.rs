@@ -242,11 +242,17 @@ pub(super) mod avx512;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) fn prefetch_lines(p: *const u8, bytes: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    prefetch_lines_as::<{ std::arch::x86_64::_MM_HINT_T0 }>(p, bytes);
+}
+
+/// [`prefetch_lines`] with the hint `HINT` (`_MM_HINT_NTA` for weights a step reads once).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn prefetch_lines_as<const HINT: i32>(p: *const u8, bytes: usize) {
     let mut off = 0;
     while off < bytes {
         // SAFETY: a prefetch never faults, whatever the address (SSE, always on x86_64).
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(off) as *const i8) };
         off += 64;
     }
 }

@@ -72,40 +72,19 @@ pub unsafe fn kv_heads<T: CacheElem>(
     hd: usize,
     scale: f32,
 ) -> Option<Vec<f32>> {
-    let a = Args {
-        qs,
-        k,
-        v,
-        slots,
-        kv_dim,
-        run,
-        hd,
-        scale,
-    };
     // Query heads per pass over the values: as many as keep the outputs in registers.
-    Some(match hd.div_ceil(16) {
-        1 => heads::<T, 1, 4>(a),
-        2 => heads::<T, 2, 4>(a),
-        3 => heads::<T, 3, 4>(a),
-        4 => heads::<T, 4, 4>(a),
-        5 => heads::<T, 5, 2>(a),
-        6 => heads::<T, 6, 2>(a),
-        7 => heads::<T, 7, 2>(a),
-        8 => heads::<T, 8, 2>(a),
+    let kernel = match hd.div_ceil(16) {
+        1 => heads::<T, 1, 4>,
+        2 => heads::<T, 2, 4>,
+        3 => heads::<T, 3, 4>,
+        4 => heads::<T, 4, 4>,
+        5 => heads::<T, 5, 2>,
+        6 => heads::<T, 6, 2>,
+        7 => heads::<T, 7, 2>,
+        8 => heads::<T, 8, 2>,
         _ => return None,
-    })
-}
-
-#[derive(Clone, Copy)]
-struct Args<'a, T> {
-    qs: &'a [f32],
-    k: &'a [T],
-    v: &'a [T],
-    slots: &'a [u32],
-    kv_dim: usize,
-    run: usize,
-    hd: usize,
-    scale: f32,
+    };
+    Some(kernel(qs, k, v, slots, kv_dim, run, hd, scale))
 }
 
 /// `C` vectors per head, `G` query heads per pass over the values.
@@ -116,17 +95,17 @@ struct Args<'a, T> {
 /// Walking the slots once per KV head instead read each row in four pieces and was slower
 /// than the portable loops it replaced (0.77 vs 0.65 ms a 16-sequence step).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn heads<T: CacheElem, const C: usize, const G: usize>(a: Args<'_, T>) -> Vec<f32> {
-    let Args {
-        qs,
-        k,
-        v,
-        slots,
-        kv_dim,
-        run,
-        hd,
-        scale,
-    } = a;
+#[allow(clippy::too_many_arguments)]
+unsafe fn heads<T: CacheElem, const C: usize, const G: usize>(
+    qs: &[f32],
+    k: &[T],
+    v: &[T],
+    slots: &[u32],
+    kv_dim: usize,
+    run: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
     let heads = qs.len() / hd.max(1);
     let groups = heads / run.max(1);
     let n = slots.len();

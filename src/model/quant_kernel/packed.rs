@@ -3,11 +3,11 @@
 //! multiply applies 16 rows' block scales and no horizontal sums are needed. Lanes are output
 //! columns, so a row's result is the same instruction sequence whatever its batch.
 
-use super::super::small_matmul::{SharedOut, MIN_WEIGHTS_PER_TASK};
+use super::super::small_matmul::{prefetch_lines_as, SharedOut, MIN_WEIGHTS_PER_TASK};
 use super::{as_blocks, RawBlock};
 use candle_core::{bail, Result};
 use rayon::prelude::*;
-use std::arch::x86_64::{_mm_prefetch, _MM_HINT_NTA};
+use std::arch::x86_64::_MM_HINT_NTA;
 
 /// Weight rows interleaved in one group.
 pub const LANES: usize = 16;
@@ -44,15 +44,10 @@ pub fn prefetch_next_run_part<G>(g: *const G, run: usize, part: usize, parts: us
     let lines = std::mem::size_of::<G>().div_ceil(64);
     let per = lines.div_ceil(parts.max(1));
     let first = part * per;
-    let start = (g.wrapping_add(ahead) as *const u8).wrapping_add(first * 64);
-    let bytes = per.min(lines.saturating_sub(first)) * 64;
-    let mut off = 0;
-    while off < bytes {
-        // SAFETY: a prefetch never faults, whatever the address (SSE, always on x86_64);
-        // the next run may lie past the weight's end.
-        unsafe { _mm_prefetch::<_MM_HINT_NTA>(start.wrapping_add(off) as *const i8) };
-        off += 64;
-    }
+    prefetch_lines_as::<_MM_HINT_NTA>(
+        (g.wrapping_add(ahead) as *const u8).wrapping_add(first * 64),
+        per.min(lines.saturating_sub(first)) * 64,
+    );
 }
 
 /// The farthest [`prefetch_next_run`] reaches (well inside a core's L2).
