@@ -2,8 +2,9 @@
 //! onto the shared decoder.
 
 use super::attention::{Attention, QkvProj};
-use super::layers::{Linear, Norm};
+use super::layers::Linear;
 use super::moe::{Expert, MoeBlock};
+use super::norm::Norm;
 use super::quant::Quantizer;
 use super::{DecoderLayer, ModelError};
 use crate::config::MoeConfig;

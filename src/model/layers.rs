@@ -2,44 +2,9 @@
 
 use super::{quant_kernel, small_matmul};
 use crate::config::Activation;
-use crate::config::NormKind;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use std::sync::Arc;
-
-/// RMSNorm (Mixtral) or LayerNorm without bias (DBRX), over the last dimension.
-pub struct Norm {
-    weight: Tensor,
-    /// Zeros standing in for the absent LayerNorm bias (candle's fused kernel wants one).
-    zero_bias: Option<Tensor>,
-    eps: f32,
-}
-
-impl Norm {
-    /// The weight is kept in f32: norms run on the f32 residual stream.
-    pub fn new(kind: NormKind, weight: Tensor) -> Result<Self> {
-        let weight = weight.to_dtype(DType::F32)?;
-        Ok(match kind {
-            NormKind::Rms { eps } => Self {
-                weight,
-                zero_bias: None,
-                eps: eps as f32,
-            },
-            NormKind::LayerNormNoBias { eps } => Self {
-                zero_bias: Some(weight.zeros_like()?),
-                weight,
-                eps: eps as f32,
-            },
-        })
-    }
-
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match &self.zero_bias {
-            None => candle_nn::ops::rms_norm(xs, &self.weight, self.eps),
-            Some(bias) => candle_nn::ops::layer_norm(xs, &self.weight, bias, self.eps),
-        }
-    }
-}
 
 /// A bias-free projection `x @ W^T` with `W` stored `[out, in]` as in the checkpoints, kept
 /// as loaded or quantized (see `quant.rs`).
@@ -245,7 +210,7 @@ fn rope_cpu_f32(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor
 }
 
 /// A contiguous CPU f32 storage's elements, borrowed.
-fn f32_slice<'a>(
+pub(super) fn f32_slice<'a>(
     storage: &'a candle_core::Storage,
     layout: &candle_core::Layout,
 ) -> Option<&'a [f32]> {

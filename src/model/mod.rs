@@ -9,6 +9,7 @@ mod kv_cache;
 mod layers;
 mod mixtral;
 pub mod moe;
+mod norm;
 mod quant;
 pub mod quant_kernel;
 #[cfg(target_arch = "x86_64")]
@@ -27,8 +28,9 @@ use crate::loader::{WeightError, WeightSource};
 use attention::Attention;
 use batch::{BatchShape, PreparedBatch};
 use candle_core::{DType, Device, Tensor};
-use layers::{Linear, Norm, RotaryEmbedding};
+use layers::{Linear, RotaryEmbedding};
 use moe::MoeBlock;
+use norm::Norm;
 use quant::Quantizer;
 
 #[derive(Debug, thiserror::Error)]
