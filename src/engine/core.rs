@@ -9,6 +9,7 @@ use super::runner::{self, SeqRows};
 use super::sampler::{apply_penalties, Sampler};
 use super::scheduler::{Plan, Scheduler};
 use super::sequence::{RequestId, RequestState, SeqId, Sequence};
+use super::warm_pool;
 use super::{Command, Shared};
 use crate::model::KvCache;
 use crate::text::{IncrementalDetokenizer, StopMatcher, StopOutcome};
@@ -245,6 +246,8 @@ impl EngineCore {
             }
             return;
         }
+        // The pool's other workers stay awake through the forward pass and the sampling.
+        let _warm = warm_pool::Warm::start();
         let requests = &self.requests;
         let output = runner::run(
             &self.shared.model,
@@ -433,6 +436,7 @@ impl EngineCore {
                 token,
                 text,
                 logprob: logprob.clone(),
+                at: std::time::Instant::now(),
             });
         };
 

@@ -12,6 +12,7 @@ mod runner;
 pub mod sampler;
 mod scheduler;
 mod sequence;
+mod warm_pool;
 
 pub use block_manager::{block_hash, BlockError, BlockManager};
 pub use request::{Event, FinishReason, Request, TokenLogprob, Usage, MAX_LOGPROBS};
