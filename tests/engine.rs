@@ -177,6 +177,7 @@ impl Output {
                 token,
                 text,
                 logprob,
+                ..
             } => {
                 let s = self.slot(index);
                 assert!(s.reason.is_none(), "token for finished sample {index}");

@@ -410,7 +410,7 @@ fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Resu
         r.ignore_eos = true;
         streams.push(engine.submit(r).context("submitting a benchmark request")?);
     }
-    // One receiver thread per request, so each token is timed when it arrives.
+    // One receiver thread per request; tokens are timed by when the engine sent them.
     std::thread::scope(|s| {
         let handles: Vec<_> = streams
             .into_iter()
@@ -419,7 +419,9 @@ fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Resu
                     let mut times = Vec::with_capacity(max_tokens);
                     loop {
                         match stream.blocking_recv() {
-                            Some(Event::Token { .. }) => times.push(t0.elapsed().as_secs_f64()),
+                            Some(Event::Token { at, .. }) => {
+                                times.push(at.saturating_duration_since(t0).as_secs_f64())
+                            }
                             Some(Event::Done(_)) => return Ok(times),
                             Some(Event::Error(e)) => bail!("benchmark request failed: {e}"),
                             Some(_) => {}

@@ -280,6 +280,7 @@ impl ChunkWriter for Writer {
                 token,
                 text,
                 logprob,
+                ..
             } => {
                 self.start(index, &mut out);
                 let mut context = self.ctx.prompt.clone();

@@ -91,6 +91,7 @@ pub async fn collect(
                 token,
                 text,
                 logprob,
+                ..
             } => {
                 timing.token();
                 let c = &mut out.choices[p * n + index];

@@ -251,6 +251,7 @@ impl ChunkWriter for Writer {
                 token,
                 text,
                 logprob,
+                ..
             } => {
                 let i = p * n + index;
                 let mut out = Vec::new();
