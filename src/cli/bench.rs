@@ -181,9 +181,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         // tens of percent over minutes, and each roofline should use its own.
         let bandwidth = memory_bandwidth(args.bandwidth_buffer, threads)?;
         // The load's own peak, not the bandwidth buffer's or the previous configuration's.
+        super::malloc::for_loading();
         let can_reset = reset_peak_rss();
         let (name, model, tokenizer) = load(&args, dtype_arg, quant, &device)?;
         let load_peak = rss_mb("VmHWM").filter(|_| can_reset);
+        super::malloc::for_serving();
         if !header_done {
             print_header(&name, model.config(), &args, load_peak, threads);
             header_done = true;

@@ -1,6 +1,7 @@
 //! The commands: each composes loader → model → engine (→ server). Nothing below calls up here.
 
 pub mod bench;
+mod malloc;
 pub mod run;
 pub mod serve;
 pub mod synthetic;
@@ -187,6 +188,7 @@ impl ModelArgs {
     /// Loads the model and starts the engine on it.
     pub fn start_engine(&self) -> Result<(ModelFiles, Engine)> {
         let loaded = self.load()?;
+        malloc::for_serving();
         let config = self.engine.config(&loaded.model)?;
         let engine = Engine::start(loaded.model, loaded.tokenizer, config)?;
         Ok((loaded.files, engine))
