@@ -35,6 +35,7 @@ fn start(dir: &str) -> Engine {
         prefix_caching: false,
         max_waiting: None,
         kv_cache_dtype: None,
+        busy_poll: true,
     };
     Engine::start(model, tokenizer, config).expect("engine")
 }

@@ -48,6 +48,7 @@ fn config(num_blocks: usize, prefix_caching: bool) -> EngineConfig {
         prefix_caching,
         max_waiting: None,
         kv_cache_dtype: None,
+        busy_poll: true,
     }
 }
 
@@ -385,6 +386,31 @@ fn batching_does_not_change_greedy_outputs() {
             "{name}: {} batched steps vs {solo_steps} alone",
             s.steps
         );
+    }
+}
+
+/// `--no-busy-poll` (the pool's workers sleep between parallel parts): the reference greedy
+/// tokens still, for prompts decoded side by side.
+#[test]
+fn greedy_outputs_hold_without_busy_polling() {
+    for name in FAMILIES {
+        let refs = reference(name);
+        let engine = start(
+            name,
+            EngineConfig {
+                busy_poll: false,
+                ..config(ROOMY, false)
+            },
+        );
+        let streams = refs
+            .iter()
+            .map(|r| engine.submit(greedy(&r.input_ids, 24)).unwrap())
+            .collect();
+        let outs = drain_all(&engine, streams, name);
+        for (i, (out, r)) in outs.iter().zip(&refs).enumerate() {
+            assert_eq!(out.tokens(), r.greedy, "{name} prompt {i}");
+        }
+        assert_idle(&engine, name);
     }
 }
 

@@ -80,6 +80,7 @@ fn start_engine(max_waiting: Option<usize>) -> Arc<Engine> {
         prefix_caching: true,
         max_waiting,
         kv_cache_dtype: None,
+        busy_poll: true,
     };
     Arc::new(Engine::start(load_model(MODEL, DType::F32), tokenizer(), config).unwrap())
 }

@@ -83,6 +83,12 @@ pub struct EngineArgs {
     /// each decode step reads from it, at a rounding of the keys and values.
     #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
+
+    /// Let the CPU pool's idle workers sleep between the parallel parts of a step instead of
+    /// polling for work (as llama.cpp's `--poll 0`): less CPU burnt on a shared machine,
+    /// slower steps (waking a sleeping core costs tens of microseconds, dozens of times a step).
+    #[arg(long)]
+    pub no_busy_poll: bool,
 }
 
 /// `--kv-cache-dtype`.
@@ -233,6 +239,7 @@ impl EngineArgs {
             prefix_caching: !self.no_prefix_cache,
             max_waiting: None,
             kv_cache_dtype: Some(kv_dtype),
+            busy_poll: !self.no_busy_poll,
         })
     }
 }

@@ -26,6 +26,8 @@ pub(super) struct EngineCore {
     seqs: HashMap<SeqId, Sequence>,
     requests: HashMap<RequestId, RequestState>,
     next_seq: SeqId,
+    /// [`super::EngineConfig::busy_poll`].
+    busy_poll: bool,
 }
 
 impl EngineCore {
@@ -34,8 +36,10 @@ impl EngineCore {
         cache: KvCache,
         blocks: BlockManager,
         scheduler: Scheduler,
+        busy_poll: bool,
     ) -> Self {
         Self {
+            busy_poll,
             shared,
             cache,
             blocks,
@@ -247,7 +251,7 @@ impl EngineCore {
             return;
         }
         // The pool's other workers stay awake through the forward pass and the sampling.
-        let _warm = warm_pool::Warm::start();
+        let _warm = self.busy_poll.then(warm_pool::Warm::start);
         let requests = &self.requests;
         let output = runner::run(
             &self.shared.model,

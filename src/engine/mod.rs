@@ -38,6 +38,10 @@ pub struct EngineConfig {
     pub max_waiting: Option<usize>,
     /// Element type of the KV cache; `None`: the model's compute dtype.
     pub kv_cache_dtype: Option<DType>,
+    /// Keep the pool's other workers polling for work through each step instead of letting
+    /// them sleep between its parallel parts (see `warm_pool.rs`): faster steps, at the price
+    /// of those cores spinning while the engine thread runs serial code.
+    pub busy_poll: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +176,7 @@ impl Engine {
             cache,
             blocks,
             scheduler::Scheduler::new(config.scheduler),
+            config.busy_poll,
         );
         let (tx, rx) = mpsc::channel();
         // The loop runs on a worker of the engine's own rayon pool (the spawned thread only
