@@ -180,8 +180,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         // competes with one nor counts in its RSS): on a shared VM the bandwidth drifts by
         // tens of percent over minutes, and each roofline should use its own.
         let bandwidth = memory_bandwidth(args.bandwidth_buffer, threads)?;
-        // The load's own peak, not the bandwidth buffer's or the previous configuration's.
         super::malloc::for_loading();
+        // The load's own peak, not the bandwidth buffer's or the previous configuration's.
         let can_reset = reset_peak_rss();
         let (name, model, tokenizer) = load(&args, dtype_arg, quant, &device)?;
         let load_peak = rss_mb("VmHWM").filter(|_| can_reset);

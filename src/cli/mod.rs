@@ -184,6 +184,8 @@ impl ModelArgs {
             )?;
             tokenizer = tokenizer.with_chat_template(Some(template));
         }
+        // Loaded: from here on, forward passes (see `malloc.rs`).
+        malloc::for_serving();
         Ok(Loaded {
             files,
             model,
@@ -194,7 +196,6 @@ impl ModelArgs {
     /// Loads the model and starts the engine on it.
     pub fn start_engine(&self) -> Result<(ModelFiles, Engine)> {
         let loaded = self.load()?;
-        malloc::for_serving();
         let config = self.engine.config(&loaded.model)?;
         let engine = Engine::start(loaded.model, loaded.tokenizer, config)?;
         Ok((loaded.files, engine))

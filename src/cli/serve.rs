@@ -77,7 +77,6 @@ async fn serve_async(args: ServeArgs) -> Result<()> {
     let max_waiting = args.max_waiting;
     let loading = tokio::task::spawn_blocking(move || -> Result<Engine> {
         let loaded = model_args.load()?;
-        super::malloc::for_serving();
         let mut config = model_args.engine.config(&loaded.model)?;
         config.max_waiting = max_waiting;
         Ok(Engine::start(loaded.model, loaded.tokenizer, config)?)

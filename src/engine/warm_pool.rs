@@ -99,6 +99,7 @@ fn poll_until(stop: &AtomicBool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rayon::prelude::*;
     use std::sync::atomic::AtomicUsize;
 
     #[test]
@@ -172,6 +173,4 @@ mod tests {
             .join()
             .expect("no panic");
     }
-
-    use rayon::prelude::*;
 }

@@ -17,17 +17,17 @@ const LANES: usize = 32;
 /// takes a few microseconds, less than a fork of the pool).
 const PAR_MIN_ELEMS: usize = 1 << 16;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     Rms,
-    LayerNoBias,
+    /// With zeros standing in for the absent bias (candle's kernel, off the CPU, wants one).
+    LayerNoBias {
+        zero_bias: Tensor,
+    },
 }
 
 pub struct Norm {
     /// f32 `[hidden]`.
     weight: Tensor,
-    /// Zeros standing in for the absent LayerNorm bias (candle's kernel, off the CPU, wants one).
-    zero_bias: Option<Tensor>,
     kind: Kind,
     eps: f32,
 }
@@ -36,19 +36,19 @@ impl Norm {
     /// The weight is kept in f32: norms run on the f32 residual stream.
     pub fn new(kind: NormKind, weight: Tensor) -> Result<Self> {
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
-        Ok(match kind {
-            NormKind::Rms { eps } => Self {
-                weight,
-                zero_bias: None,
-                kind: Kind::Rms,
-                eps: eps as f32,
-            },
-            NormKind::LayerNormNoBias { eps } => Self {
-                zero_bias: Some(weight.zeros_like()?),
-                weight,
-                kind: Kind::LayerNoBias,
-                eps: eps as f32,
-            },
+        let (kind, eps) = match kind {
+            NormKind::Rms { eps } => (Kind::Rms, eps),
+            NormKind::LayerNormNoBias { eps } => (
+                Kind::LayerNoBias {
+                    zero_bias: weight.zeros_like()?,
+                },
+                eps,
+            ),
+        };
+        Ok(Self {
+            weight,
+            kind,
+            eps: eps as f32,
         })
     }
 
@@ -56,9 +56,11 @@ impl Norm {
         if let Some(out) = self.forward_cpu_f32(xs)? {
             return Ok(out);
         }
-        match &self.zero_bias {
-            None => candle_nn::ops::rms_norm(xs, &self.weight, self.eps),
-            Some(bias) => candle_nn::ops::layer_norm(xs, &self.weight, bias, self.eps),
+        match &self.kind {
+            Kind::Rms => candle_nn::ops::rms_norm(xs, &self.weight, self.eps),
+            Kind::LayerNoBias { zero_bias } => {
+                candle_nn::ops::layer_norm(xs, &self.weight, zero_bias, self.eps)
+            }
         }
     }
 
@@ -81,7 +83,7 @@ impl Norm {
             };
             let row = |(x, o): (&[f32], &mut [f32])| match self.kind {
                 Kind::Rms => rms_row(x, w, self.eps, o),
-                Kind::LayerNoBias => layer_norm_row(x, w, self.eps, o),
+                Kind::LayerNoBias { .. } => layer_norm_row(x, w, self.eps, o),
             };
             if src.len() >= PAR_MIN_ELEMS {
                 let min_rows = (PAR_MIN_ELEMS / 8 / d).max(1);
@@ -169,11 +171,18 @@ mod tests {
         ])
     }
 
+    fn label(kind: &Kind) -> &'static str {
+        match kind {
+            Kind::Rms => "rms",
+            Kind::LayerNoBias { .. } => "layer norm",
+        }
+    }
+
     /// The row normalised in f64, two-pass.
-    fn reference(kind: Kind, x: &[f32], w: &[f32], eps: f32) -> Vec<f64> {
+    fn reference(kind: &Kind, x: &[f32], w: &[f32], eps: f32) -> Vec<f64> {
         let n = x.len() as f64;
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let centre = if kind == Kind::Rms { 0.0 } else { mean };
+        let centre = if matches!(kind, Kind::Rms) { 0.0 } else { mean };
         let var = x.iter().map(|&v| (v as f64 - centre).powi(2)).sum::<f64>() / n;
         let scale = (var + eps as f64).sqrt();
         x.iter()
@@ -191,17 +200,19 @@ mod tests {
                 for norm in norms(d)? {
                     let w = norm.weight.to_vec1::<f32>()?;
                     let ours = norm.forward(&xs)?.to_vec2::<f32>()?;
-                    let theirs = match &norm.zero_bias {
-                        None => candle_nn::ops::rms_norm(&xs, &norm.weight, norm.eps)?,
-                        Some(b) => candle_nn::ops::layer_norm(&xs, &norm.weight, b, norm.eps)?,
+                    let theirs = match &norm.kind {
+                        Kind::Rms => candle_nn::ops::rms_norm(&xs, &norm.weight, norm.eps)?,
+                        Kind::LayerNoBias { zero_bias } => {
+                            candle_nn::ops::layer_norm(&xs, &norm.weight, zero_bias, norm.eps)?
+                        }
                     }
                     .to_vec2::<f32>()?;
                     for (r, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
-                        let exact = reference(norm.kind, &x[r * d..(r + 1) * d], &w, norm.eps);
+                        let exact = reference(&norm.kind, &x[r * d..(r + 1) * d], &w, norm.eps);
                         for ((&a, &b), &e) in ours.iter().zip(theirs).zip(&exact) {
                             let what = format!(
-                                "{:?} d={d} rows={rows}: {a} / candle {b} / {e}",
-                                norm.kind
+                                "{} d={d} rows={rows}: {a} / candle {b} / {e}",
+                                label(&norm.kind)
                             );
                             assert!((a as f64 - e).abs() <= 5e-5 * e.abs().max(1.0), "{what}");
                             // candle's E[x^2] - mean^2 loses digits on the offset rows.
@@ -225,7 +236,7 @@ mod tests {
             for r in [0, 1, 17, rows - 1] {
                 let alone = Tensor::from_slice(&all[r * d..(r + 1) * d], (1, d), &Device::Cpu)?;
                 let a = norm.forward(&alone)?.to_vec2::<f32>()?;
-                assert_eq!(a[0], out[r], "{:?} row {r}", norm.kind);
+                assert_eq!(a[0], out[r], "{} row {r}", label(&norm.kind));
             }
         }
         Ok(())
