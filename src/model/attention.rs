@@ -4,7 +4,9 @@ use super::batch::PreparedBatch;
 use super::decode_attention::{self, Heads, Query};
 use super::kv_cache::KvCache;
 use super::layers::{softmax_f32, Linear, RotaryEmbedding};
-use candle_core::{DType, Result, Tensor};
+use super::rope_cache;
+use candle_core::{bail, DType, Result, Tensor};
+use std::borrow::Cow;
 
 /// Q, K, V as three projections (Mixtral) or one fused `Wqkv` clamped to ±clip (DBRX).
 pub enum QkvProj {
@@ -94,27 +96,46 @@ impl Attention {
     ) -> Result<Tensor> {
         let n = xs.dim(0)?;
         let (q, k, v) = self.project(xs)?;
-        let q = q.reshape((n, self.num_heads, self.head_dim))?;
-        let k = k.reshape((n, self.num_kv_heads, self.head_dim))?;
-        let q = rope.apply(&q, &batch.cos, &batch.sin)?;
-        let k = rope.apply(&k, &batch.cos, &batch.sin)?;
+        let (q_dtype, device) = (q.dtype(), q.device().clone());
 
-        // Write this step's keys and values into their slots, then attend per sequence over
-        // everything its block table holds (earlier chunks and steps included).
+        // Rotate Q and K and write this step's keys and values into their slots, then attend
+        // per sequence over everything its block table holds (earlier chunks and steps
+        // included). f32 rows on the CPU take one pass for the first part (`rope_cache.rs`).
         let (k_cache, v_cache) = cache.layer(layer);
-        let kv_dim = self.num_kv_heads * self.head_dim;
-        // Keys and values take the cache's element type (`--kv-cache-dtype`) as they go in.
-        let kv_dtype = k_cache.dtype();
-        let k_in = k.reshape((n, kv_dim))?.to_dtype(kv_dtype)?.contiguous()?;
-        let v_in = v.contiguous()?.reshape((n, kv_dim))?.to_dtype(kv_dtype)?;
-        k_cache.scatter_set(&batch.slot_index, &k_in, 0)?;
-        v_cache.scatter_set(&batch.slot_index, &v_in, 0)?;
+        let fused = rope_cache::rope_and_store(
+            &q,
+            &k,
+            &v,
+            &batch.cos,
+            &batch.sin,
+            &batch.slots,
+            k_cache,
+            v_cache,
+            self.head_dim,
+        )?;
+        let (q, q_rows) = match fused {
+            Some(rows) => (None, Some(rows)),
+            None => {
+                let q = q.reshape((n, self.num_heads, self.head_dim))?;
+                let k = k.reshape((n, self.num_kv_heads, self.head_dim))?;
+                let q = rope.apply(&q, &batch.cos, &batch.sin)?;
+                let k = rope.apply(&k, &batch.cos, &batch.sin)?;
+                let kv_dim = self.num_kv_heads * self.head_dim;
+                // Keys and values take the cache's element type (`--kv-cache-dtype`).
+                let kv_dtype = k_cache.dtype();
+                let k_in = k.reshape((n, kv_dim))?.to_dtype(kv_dtype)?.contiguous()?;
+                let v_in = v.contiguous()?.reshape((n, kv_dim))?.to_dtype(kv_dtype)?;
+                k_cache.scatter_set(&batch.slot_index, &k_in, 0)?;
+                v_cache.scatter_set(&batch.slot_index, &v_in, 0)?;
+                (Some(q), None)
+            }
+        };
 
         let groups = self.num_heads / self.num_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q_dim = self.num_heads * self.head_dim;
         // Single-token queries read the cache in place (see `decode_attention.rs`).
-        let mut decoded = if decode_attention::supports(k_cache) {
+        let decoded = if decode_attention::supports(k_cache) {
             let queries: Vec<Query> = batch
                 .seqs
                 .iter()
@@ -127,11 +148,16 @@ impl Attention {
             if queries.is_empty() {
                 Vec::new()
             } else {
-                let qf: Vec<f32> = q
-                    .reshape((n, q_dim))?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
+                let qf: Cow<[f32]> = match (&q_rows, &q) {
+                    (Some(rows), _) => Cow::Borrowed(rows),
+                    (None, Some(q)) => Cow::Owned(
+                        q.reshape((n, q_dim))?
+                            .to_dtype(DType::F32)?
+                            .flatten_all()?
+                            .to_vec1()?,
+                    ),
+                    (None, None) => bail!("attention: no queries"),
+                };
                 let heads = Heads {
                     num_heads: self.num_heads,
                     num_kv_heads: self.num_kv_heads,
@@ -142,15 +168,27 @@ impl Attention {
             }
         } else {
             Vec::new()
+        };
+        if decoded.len() == batch.seqs.len() {
+            // Every sequence decodes one token (the usual step): one tensor of all the rows.
+            let rows = Tensor::from_vec(decoded.concat(), (n, q_dim), &device)?;
+            return self.o_proj.forward(&rows.to_dtype(q_dtype)?);
         }
-        .into_iter();
+        let q = match (q, &q_rows) {
+            (Some(q), _) => q,
+            (None, Some(rows)) => {
+                Tensor::from_slice(rows, (n, self.num_heads, self.head_dim), &device)?
+            }
+            (None, None) => bail!("attention: no queries"),
+        };
+        let mut decoded = decoded.into_iter();
         let mut outs = Vec::with_capacity(batch.seqs.len());
         for seq in &batch.seqs {
             let t = seq.len;
             let c = seq.keys;
             if t == 1 {
                 if let Some(out) = decoded.next() {
-                    outs.push(Tensor::from_vec(out, (1, q_dim), q.device())?.to_dtype(q.dtype())?);
+                    outs.push(Tensor::from_vec(out, (1, q_dim), &device)?.to_dtype(q_dtype)?);
                     continue;
                 }
             }

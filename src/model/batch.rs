@@ -83,6 +83,8 @@ pub(crate) struct PreparedBatch {
     /// `[n, kv_dim]` u32: destination slot of each new token, repeated along the row for
     /// `scatter_set`.
     pub slot_index: Tensor,
+    /// The same slots, one per row, on the host.
+    pub slots: Vec<u32>,
     pub cos: Tensor,
     pub sin: Tensor,
     pub seqs: Vec<PreparedSeq>,
@@ -192,13 +194,14 @@ impl PreparedBatch {
             candle_core::bail!("logits row {r} is outside the batch of {n} tokens");
         }
         let (cos, sin) = rope.tables(&positions)?;
-        let slot_index = Tensor::from_vec(slots, (n, 1), device)?
+        let slot_index = Tensor::from_vec(slots.clone(), (n, 1), device)?
             .broadcast_as((n, kv_dim))?
             .contiguous()?;
         let rows: Vec<u32> = batch.logits_rows.iter().map(|&r| r as u32).collect();
         Ok(Self {
             input_ids: Tensor::from_vec(batch.input_ids.clone(), n, device)?,
             slot_index,
+            slots,
             cos,
             sin,
             seqs,

@@ -196,17 +196,24 @@ fn rope_cpu_f32(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor
         for (t, rows) in out.chunks_exact_mut(heads * d).enumerate() {
             let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
             for (h, o) in rows.chunks_exact_mut(d).enumerate() {
-                let x = &src[(t * heads + h) * d..][..d];
-                let (x1, x2) = x.split_at(half);
-                let (o1, o2) = o.split_at_mut(half);
-                for i in 0..half {
-                    o1[i] = x1[i] * c[i] - x2[i] * s[i];
-                    o2[i] = x1[i] * s[i] + x2[i] * c[i];
-                }
+                rotate(&src[(t * heads + h) * d..][..d], c, s, o);
             }
         }
     }
     Ok(Some(Tensor::from_vec(out, (n, heads, d), xs.device())?))
+}
+
+/// One head `x` (`2 * c.len()` values) rotated into `o`: its first half against its second,
+/// the expressions of candle's `rope_thd` (so the same bits).
+#[inline(always)]
+pub(super) fn rotate(x: &[f32], c: &[f32], s: &[f32], o: &mut [f32]) {
+    let half = c.len();
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = o.split_at_mut(half);
+    for i in 0..half {
+        o1[i] = x1[i] * c[i] - x2[i] * s[i];
+        o2[i] = x1[i] * s[i] + x2[i] * c[i];
+    }
 }
 
 /// A contiguous CPU f32 storage's elements, borrowed.

@@ -12,6 +12,7 @@ pub mod moe;
 mod norm;
 mod quant;
 pub mod quant_kernel;
+mod rope_cache;
 #[cfg(target_arch = "x86_64")]
 mod simd_exp;
 pub mod small_matmul;
