@@ -4,6 +4,7 @@
 //! then sample every sequence that reached its end and send its events.
 
 use super::block_manager::BlockManager;
+use super::outbox::Outbox;
 use super::request::{Event, FinishReason, Request, TokenLogprob, Usage};
 use super::runner::{self, SeqRows};
 use super::sampler::{apply_penalties, Sampler};
@@ -28,6 +29,8 @@ pub(super) struct EngineCore {
     next_seq: SeqId,
     /// [`super::EngineConfig::busy_poll`].
     busy_poll: bool,
+    /// Every event to a client goes through it, so they stay in order.
+    outbox: Outbox,
 }
 
 impl EngineCore {
@@ -47,6 +50,7 @@ impl EngineCore {
             seqs: HashMap::new(),
             requests: HashMap::new(),
             next_seq: 0,
+            outbox: Outbox::default(),
         }
     }
 
@@ -56,6 +60,7 @@ impl EngineCore {
         loop {
             // Block for work when idle; otherwise just pick up what arrived.
             if self.scheduler.is_idle() {
+                self.outbox.flush_here();
                 if shutting_down {
                     break;
                 }
@@ -78,6 +83,7 @@ impl EngineCore {
             self.step();
             self.publish();
         }
+        self.outbox.flush_here();
         self.publish();
     }
 
@@ -288,6 +294,8 @@ impl EngineCore {
                 self.fail_request_of(id, "internal error reading logits");
             }
         }
+        // While the pool's other workers still poll: one of them takes the sending at once.
+        self.outbox.flush();
     }
 
     /// Nothing runs and the head of the queue cannot be admitted: with submit-time checks and
@@ -334,7 +342,7 @@ impl EngineCore {
             if computed >= prompt_len {
                 let mut all = vec![None];
                 all.append(&mut req.prompt_logprobs);
-                let _ = req.events.send(Event::PromptLogprobs(all));
+                self.outbox.push(&req.events, Event::PromptLogprobs(all));
                 req.prompt_logprobs_sent = true;
             }
         }
@@ -401,6 +409,7 @@ impl EngineCore {
         seq_id: SeqId,
         raw: &[f32],
     ) -> Result<Option<(FinishReason, Option<String>)>, String> {
+        let outbox = &mut self.outbox;
         let (Some(seq), requests) = (self.seqs.get_mut(&seq_id), &mut self.requests) else {
             return Ok(None);
         };
@@ -434,14 +443,15 @@ impl EngineCore {
             .metrics
             .generation_tokens
             .fetch_add(1, Ordering::Relaxed);
-        let send = |text: String| {
-            let _ = req.events.send(Event::Token {
+        let mut send = |text: String| {
+            let event = Event::Token {
                 index: seq.index,
                 token,
                 text,
                 logprob: logprob.clone(),
                 at: std::time::Instant::now(),
-            });
+            };
+            outbox.push(&req.events, event);
         };
 
         if req.stop_ids.contains(&token) {
@@ -490,12 +500,15 @@ impl EngineCore {
         let Some(req) = self.requests.get_mut(&seq.request) else {
             return;
         };
-        let _ = req.events.send(Event::Finished {
-            index: seq.index,
-            reason,
-            text,
-            matched_stop,
-        });
+        self.outbox.push(
+            &req.events,
+            Event::Finished {
+                index: seq.index,
+                reason,
+                text,
+                matched_stop,
+            },
+        );
         req.live = req.live.saturating_sub(1);
         if req.live == 0 {
             let usage = Usage {
@@ -503,7 +516,7 @@ impl EngineCore {
                 completion_tokens: req.completion_tokens,
                 cached_tokens: req.cached_tokens,
             };
-            let _ = req.events.send(Event::Done(usage));
+            self.outbox.push(&req.events, Event::Done(usage));
             self.requests.remove(&seq.request);
             self.shared
                 .metrics
@@ -518,7 +531,7 @@ impl EngineCore {
             return;
         };
         if let Some(req) = self.remove_request(req_id) {
-            let _ = req.events.send(Event::Error(msg.to_string()));
+            self.outbox.push(&req.events, Event::Error(msg.to_string()));
         }
     }
 

@@ -7,6 +7,7 @@
 
 mod block_manager;
 mod core;
+mod outbox;
 pub mod request;
 mod runner;
 pub mod sampler;
