@@ -12,8 +12,8 @@ use super::layers::{f32_slice, rotate};
 use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 
-/// Rows of a 2-D f32 CPU tensor or view whose rows are contiguous (a narrow of a wider
-/// product is fine): `(storage, first element, row stride)`.
+/// Where the rows of a 2-D f32 CPU tensor lie in its storage, rows contiguous (a narrow of a
+/// wider product is fine): row `t` is `cols` elements from `first + t * stride`.
 struct Rows {
     first: usize,
     stride: usize,
@@ -120,7 +120,7 @@ pub fn rope_and_store(
     });
     match written {
         Some(r) => r?,
-        None => bail!("values changed storage while being written"),
+        None => bail!("values are not f32 on the CPU"),
     }
     Ok(Some(qs))
 }
