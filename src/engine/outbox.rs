@@ -72,11 +72,7 @@ impl Outbox {
         if !pooled || self.step.len() < MIN_HANDED_OFF {
             return self.flush_here();
         }
-        self.queue
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(self.step.drain(..));
+        self.hand_over();
         let queue = self.queue.clone();
         rayon::spawn(move || queue.drain());
     }
@@ -84,12 +80,17 @@ impl Outbox {
     /// Sends what was queued on this thread, once earlier hand-offs are through: before the
     /// engine waits for work or stops, so nothing sits in a queue while no step runs.
     pub fn flush_here(&mut self) {
+        self.hand_over();
+        self.queue.drain();
+    }
+
+    /// Moves this step's events to the end of the shared queue.
+    fn hand_over(&mut self) {
         self.queue
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend(self.step.drain(..));
-        self.queue.drain();
     }
 }
 

@@ -168,8 +168,8 @@ pub enum Event {
         token: u32,
         text: String,
         logprob: Option<TokenLogprob>,
-        /// When the engine sent it: benchmarks time tokens by this, not by when a receiver
-        /// thread got around to them.
+        /// When the engine produced it (it may be sent a moment later, by another worker):
+        /// benchmarks time tokens by this, not by when a receiver thread got around to them.
         at: std::time::Instant,
     },
     /// Sample `index` ended; `text` is whatever it still held back.

@@ -5,7 +5,7 @@ use super::decode_attention::{self, Heads, Query};
 use super::kv_cache::KvCache;
 use super::layers::{softmax_f32, Linear, RotaryEmbedding};
 use super::rope_cache;
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use std::borrow::Cow;
 
 /// Q, K, V as three projections (Mixtral) or one fused `Wqkv` clamped to ±clip (DBRX).
@@ -33,6 +33,31 @@ fn fuse_packed(qkv: QkvProj) -> QkvProj {
         }
     }
     qkv
+}
+
+/// A step's rotated queries: f32 rows `[n, heads * head_dim]` from `rope_cache.rs`, or a
+/// `[n, heads, head_dim]` tensor from the tensor path.
+enum Queries {
+    Rows(Vec<f32>),
+    Tensor(Tensor),
+}
+
+impl Queries {
+    /// As f32 rows, for the decode attention.
+    fn rows(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(match self {
+            Self::Rows(rows) => Cow::Borrowed(rows),
+            Self::Tensor(q) => Cow::Owned(q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?),
+        })
+    }
+
+    /// As a `shape` tensor, for the attention of prefill chunks.
+    fn into_tensor(self, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Rows(rows) => Tensor::from_vec(rows, shape, device),
+            Self::Tensor(q) => Ok(q),
+        }
+    }
 }
 
 pub struct Attention {
@@ -85,6 +110,40 @@ impl Attention {
         }
     }
 
+    /// Rotates the step's queries and keys and writes its keys and values into their cache
+    /// slots (in the cache's element type, `--kv-cache-dtype`): in one pass over f32 rows on
+    /// the CPU (`rope_cache.rs`), with tensor operations otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn rotate_and_store(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &PreparedBatch,
+        rope: &RotaryEmbedding,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+    ) -> Result<Queries> {
+        let (cos, sin) = (&batch.cos, &batch.sin);
+        let (hd, slots) = (self.head_dim, &batch.slots);
+        if let Some(rows) =
+            rope_cache::rope_and_store(q, k, v, cos, sin, slots, k_cache, v_cache, hd)?
+        {
+            return Ok(Queries::Rows(rows));
+        }
+        let n = q.dim(0)?;
+        let q = rope.apply(&q.reshape((n, self.num_heads, hd))?, cos, sin)?;
+        let k = rope.apply(&k.reshape((n, self.num_kv_heads, hd))?, cos, sin)?;
+        let kv_dim = self.num_kv_heads * hd;
+        let kv_dtype = k_cache.dtype();
+        let k_in = k.reshape((n, kv_dim))?.to_dtype(kv_dtype)?.contiguous()?;
+        let v_in = v.contiguous()?.reshape((n, kv_dim))?.to_dtype(kv_dtype)?;
+        let index = batch.slot_index()?;
+        k_cache.scatter_set(index, &k_in, 0)?;
+        v_cache.scatter_set(index, &v_in, 0)?;
+        Ok(Queries::Tensor(q))
+    }
+
     /// `xs`: `[n, hidden]` for the whole flattened batch → `[n, hidden]`.
     pub fn forward(
         &self,
@@ -100,36 +159,9 @@ impl Attention {
 
         // Rotate Q and K and write this step's keys and values into their slots, then attend
         // per sequence over everything its block table holds (earlier chunks and steps
-        // included). f32 rows on the CPU take one pass for the first part (`rope_cache.rs`).
+        // included).
         let (k_cache, v_cache) = cache.layer(layer);
-        let fused = rope_cache::rope_and_store(
-            &q,
-            &k,
-            &v,
-            &batch.cos,
-            &batch.sin,
-            &batch.slots,
-            k_cache,
-            v_cache,
-            self.head_dim,
-        )?;
-        let (q, q_rows) = match fused {
-            Some(rows) => (None, Some(rows)),
-            None => {
-                let q = q.reshape((n, self.num_heads, self.head_dim))?;
-                let k = k.reshape((n, self.num_kv_heads, self.head_dim))?;
-                let q = rope.apply(&q, &batch.cos, &batch.sin)?;
-                let k = rope.apply(&k, &batch.cos, &batch.sin)?;
-                let kv_dim = self.num_kv_heads * self.head_dim;
-                // Keys and values take the cache's element type (`--kv-cache-dtype`).
-                let kv_dtype = k_cache.dtype();
-                let k_in = k.reshape((n, kv_dim))?.to_dtype(kv_dtype)?.contiguous()?;
-                let v_in = v.contiguous()?.reshape((n, kv_dim))?.to_dtype(kv_dtype)?;
-                k_cache.scatter_set(&batch.slot_index, &k_in, 0)?;
-                v_cache.scatter_set(&batch.slot_index, &v_in, 0)?;
-                (Some(q), None)
-            }
-        };
+        let q = self.rotate_and_store(&q, &k, &v, batch, rope, k_cache, v_cache)?;
 
         let groups = self.num_heads / self.num_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -148,16 +180,7 @@ impl Attention {
             if queries.is_empty() {
                 Vec::new()
             } else {
-                let qf: Cow<[f32]> = match (&q_rows, &q) {
-                    (Some(rows), _) => Cow::Borrowed(rows),
-                    (None, Some(q)) => Cow::Owned(
-                        q.reshape((n, q_dim))?
-                            .to_dtype(DType::F32)?
-                            .flatten_all()?
-                            .to_vec1()?,
-                    ),
-                    (None, None) => bail!("attention: no queries"),
-                };
+                let qf = q.rows()?;
                 let heads = Heads {
                     num_heads: self.num_heads,
                     num_kv_heads: self.num_kv_heads,
@@ -174,13 +197,7 @@ impl Attention {
             let rows = Tensor::from_vec(decoded.concat(), (n, q_dim), &device)?;
             return self.o_proj.forward(&rows.to_dtype(q_dtype)?);
         }
-        let q = match (q, &q_rows) {
-            (Some(q), _) => q,
-            (None, Some(rows)) => {
-                Tensor::from_slice(rows, (n, self.num_heads, self.head_dim), &device)?
-            }
-            (None, None) => bail!("attention: no queries"),
-        };
+        let q = q.into_tensor((n, self.num_heads, self.head_dim), &device)?;
         let mut decoded = decoded.into_iter();
         let mut outs = Vec::with_capacity(batch.seqs.len());
         for seq in &batch.seqs {

@@ -7,6 +7,7 @@
 use super::kv_cache::KvCache;
 use super::layers::RotaryEmbedding;
 use candle_core::{Device, Result, Tensor};
+use std::sync::OnceLock;
 
 /// One sequence's share of a batch.
 #[derive(Debug, Clone)]
@@ -80,11 +81,11 @@ pub(crate) struct BatchShape {
 /// A batch checked against the cache and turned into the index tensors every layer reuses.
 pub(crate) struct PreparedBatch {
     pub input_ids: Tensor,
-    /// `[n, kv_dim]` u32: destination slot of each new token, repeated along the row for
-    /// `scatter_set`.
-    pub slot_index: Tensor,
-    /// The same slots, one per row, on the host.
+    /// Destination slot of each new token, one per row.
     pub slots: Vec<u32>,
+    /// [`PreparedBatch::slot_index`], once built; `kv_dim` its width.
+    slot_index: OnceLock<Tensor>,
+    kv_dim: usize,
     pub cos: Tensor,
     pub sin: Tensor,
     pub seqs: Vec<PreparedSeq>,
@@ -93,6 +94,20 @@ pub(crate) struct PreparedBatch {
 }
 
 impl PreparedBatch {
+    /// `[n, kv_dim]` u32: each new token's slot repeated along its row, for `scatter_set`
+    /// (the cache writes of the tensor path; f32 rows on the CPU write without it, see
+    /// `rope_cache.rs`). Built on first use, once a step.
+    pub fn slot_index(&self) -> Result<&Tensor> {
+        if let Some(index) = self.slot_index.get() {
+            return Ok(index);
+        }
+        let n = self.slots.len();
+        let index = Tensor::from_slice(&self.slots, (n, 1), self.input_ids.device())?
+            .broadcast_as((n, self.kv_dim))?
+            .contiguous()?;
+        Ok(self.slot_index.get_or_init(|| index))
+    }
+
     pub fn new(
         batch: &Batch,
         cache: &KvCache,
@@ -194,14 +209,12 @@ impl PreparedBatch {
             candle_core::bail!("logits row {r} is outside the batch of {n} tokens");
         }
         let (cos, sin) = rope.tables(&positions)?;
-        let slot_index = Tensor::from_vec(slots.clone(), (n, 1), device)?
-            .broadcast_as((n, kv_dim))?
-            .contiguous()?;
         let rows: Vec<u32> = batch.logits_rows.iter().map(|&r| r as u32).collect();
         Ok(Self {
             input_ids: Tensor::from_vec(batch.input_ids.clone(), n, device)?,
-            slot_index,
             slots,
+            slot_index: OnceLock::new(),
+            kv_dim,
             cos,
             sin,
             seqs,

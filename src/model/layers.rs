@@ -157,62 +157,8 @@ impl RotaryEmbedding {
 
     /// `xs`: `[n, heads, head_dim]`, rotated per token by the gathered tables.
     pub fn apply(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        if let Some(out) = rope_cpu_f32(xs, cos, sin)? {
-            return Ok(out);
-        }
         let xs = xs.unsqueeze(0)?.contiguous()?;
         candle_nn::rotary_emb::rope_thd(&xs, cos, sin)?.squeeze(0)
-    }
-}
-
-/// candle's `rope_thd` for f32 on the CPU, the same expressions (so the same bits), walked in
-/// memory order: candle's loop has the heads innermost, a stride of a head per step, and took
-/// ~20 us a layer for 16 decode tokens' queries and keys. `None` for anything else.
-fn rope_cpu_f32(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(f32_cpu(xs) && f32_cpu(cos) && f32_cpu(sin)) {
-        return Ok(None);
-    }
-    let (n, heads, d) = xs.dims3()?;
-    let half = d / 2;
-    if d % 2 != 0 || cos.dims2()? != (n, half) || sin.dims2()? != (n, half) {
-        return Ok(None);
-    }
-    let xs = xs.contiguous()?;
-    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-    let mut out = vec![0f32; n * heads * d];
-    {
-        // Borrowed in place: the storages stay locked for reading until the loop is done.
-        let (xs_s, xs_l) = xs.storage_and_layout();
-        let (cos_s, cos_l) = cos.storage_and_layout();
-        let (sin_s, sin_l) = sin.storage_and_layout();
-        let (Some(src), Some(cos), Some(sin)) = (
-            f32_slice(&xs_s, xs_l),
-            f32_slice(&cos_s, cos_l),
-            f32_slice(&sin_s, sin_l),
-        ) else {
-            return Ok(None);
-        };
-        for (t, rows) in out.chunks_exact_mut(heads * d).enumerate() {
-            let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-            for (h, o) in rows.chunks_exact_mut(d).enumerate() {
-                rotate(&src[(t * heads + h) * d..][..d], c, s, o);
-            }
-        }
-    }
-    Ok(Some(Tensor::from_vec(out, (n, heads, d), xs.device())?))
-}
-
-/// One head `x` (`2 * c.len()` values) rotated into `o`: its first half against its second,
-/// the expressions of candle's `rope_thd` (so the same bits).
-#[inline(always)]
-pub(super) fn rotate(x: &[f32], c: &[f32], s: &[f32], o: &mut [f32]) {
-    let half = c.len();
-    let (x1, x2) = x.split_at(half);
-    let (o1, o2) = o.split_at_mut(half);
-    for i in 0..half {
-        o1[i] = x1[i] * c[i] - x2[i] * s[i];
-        o2[i] = x1[i] * s[i] + x2[i] * c[i];
     }
 }
 
@@ -242,34 +188,4 @@ pub fn swiglu(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
 /// Row-wise softmax in f32, whatever the input dtype.
 pub fn softmax_f32(xs: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::test_data::data;
-
-    /// The f32 loop gives candle's `rope_thd` bit for bit, on a slice of wider rows as
-    /// attention hands it (the fused QKV product's).
-    #[test]
-    fn rope_matches_candles_bit_for_bit() -> Result<()> {
-        let dev = Device::Cpu;
-        let (n, heads, d) = (5, 3, 8);
-        let rope = RotaryEmbedding::new(10_000.0, d, 64, DType::F32, &dev);
-        let (cos, sin) = rope.tables(&[0, 3, 7, 20, 63])?;
-        let wide = Tensor::from_vec(data(n * (heads * d + 8), 1), (n, heads * d + 8), &dev)?;
-        let xs = wide.narrow(1, 4, heads * d)?.reshape((n, heads, d))?;
-        let got = rope_cpu_f32(&xs, &cos, &sin)?.expect("f32 on the CPU takes the loop");
-        let want = candle_nn::rotary_emb::rope_thd(&xs.unsqueeze(0)?.contiguous()?, &cos, &sin)?
-            .squeeze(0)?;
-        let bits = |t: &Tensor| -> Result<Vec<u32>> {
-            Ok(t.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect())
-        };
-        assert_eq!(bits(&got)?, bits(&want)?);
-        Ok(())
-    }
 }

@@ -8,7 +8,7 @@
 //! into their slots in the cache's element type. The expressions and roundings are the tensor
 //! path's (tested bit for bit), so results do not depend on which path ran.
 
-use super::layers::{f32_slice, rotate};
+use super::layers::f32_slice;
 use candle_core::{bail, CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 
@@ -40,6 +40,19 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     match &*s {
         Storage::Cpu(CpuStorage::F32(v)) => Some(f(v)),
         _ => None,
+    }
+}
+
+/// One head `x` (`2 * c.len()` values) rotated into `o`: its first half against its second,
+/// the expressions of candle's `rope_thd` (so the same bits).
+#[inline(always)]
+fn rotate(x: &[f32], c: &[f32], s: &[f32], o: &mut [f32]) {
+    let half = c.len();
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = o.split_at_mut(half);
+    for i in 0..half {
+        o1[i] = x1[i] * c[i] - x2[i] * s[i];
+        o2[i] = x1[i] * s[i] + x2[i] * c[i];
     }
 }
 
