@@ -215,14 +215,15 @@ impl Attention {
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((self.num_kv_heads, groups * t, self.head_dim))?;
+            let ctx_slots = seq.ctx_slots(k_cache.device())?;
             let k_s = k_cache
-                .index_select(&seq.ctx_slots, 0)?
+                .index_select(ctx_slots, 0)?
                 .to_dtype(q.dtype())?
                 .reshape((c, self.num_kv_heads, self.head_dim))?
                 .transpose(0, 1)?
                 .contiguous()?;
             let v_s = v_cache
-                .index_select(&seq.ctx_slots, 0)?
+                .index_select(ctx_slots, 0)?
                 .to_dtype(q.dtype())?
                 .reshape((c, self.num_kv_heads, self.head_dim))?
                 .transpose(0, 1)?

@@ -61,13 +61,27 @@ pub(crate) struct PreparedSeq {
     pub len: usize,
     /// Number of key positions attended: `context_len` less what a sliding window hides.
     pub keys: usize,
-    /// `[keys]` u32: the cache slots of positions `context_len - keys..context_len`.
-    pub ctx_slots: Tensor,
-    /// The same slots, on the host (single-token attention reads the cache with them).
+    /// The cache slots of positions `context_len - keys..context_len` (single-token attention
+    /// reads the cache with them on the host).
     pub ctx: Vec<u32>,
+    /// [`PreparedSeq::ctx_slots`], once built.
+    ctx_slots: OnceLock<Tensor>,
     /// `[len, keys]` f32 additive mask (causal, and the sliding window); `None` for a single
     /// query token, which sees every gathered key.
     pub mask: Option<Tensor>,
+}
+
+impl PreparedSeq {
+    /// `[keys]` u32: [`PreparedSeq::ctx`] as a tensor on `device`, for the tensor path's
+    /// gathers (prefill chunks, GPUs). Built on first use: decode steps on the CPU read `ctx`
+    /// and never need it.
+    pub fn ctx_slots(&self, device: &Device) -> Result<&Tensor> {
+        if let Some(t) = self.ctx_slots.get() {
+            return Ok(t);
+        }
+        let t = Tensor::from_slice(&self.ctx, self.keys, device)?;
+        Ok(self.ctx_slots.get_or_init(|| t))
+    }
 }
 
 /// What of the model's shape the batch preparation needs.
@@ -196,8 +210,8 @@ impl PreparedBatch {
                 start: s.start,
                 len: s.len,
                 keys,
-                ctx_slots: Tensor::from_vec(ctx.clone(), keys, device)?,
                 ctx,
+                ctx_slots: OnceLock::new(),
                 mask,
             });
             covered += s.len;
