@@ -76,12 +76,20 @@ impl PreparedSeq {
     /// gathers (prefill chunks, GPUs). Built on first use: decode steps on the CPU read `ctx`
     /// and never need it.
     pub fn ctx_slots(&self, device: &Device) -> Result<&Tensor> {
-        if let Some(t) = self.ctx_slots.get() {
-            return Ok(t);
-        }
-        let t = Tensor::from_slice(&self.ctx, self.keys, device)?;
-        Ok(self.ctx_slots.get_or_init(|| t))
+        built_once(&self.ctx_slots, || {
+            Tensor::from_slice(&self.ctx, self.keys, device)
+        })
     }
+}
+
+/// `cell`'s tensor, built by `build` the first time it is asked for (`OnceLock::get_or_try_init`
+/// is not stable yet).
+fn built_once(cell: &OnceLock<Tensor>, build: impl FnOnce() -> Result<Tensor>) -> Result<&Tensor> {
+    if let Some(t) = cell.get() {
+        return Ok(t);
+    }
+    let t = build()?;
+    Ok(cell.get_or_init(|| t))
 }
 
 /// What of the model's shape the batch preparation needs.
@@ -112,14 +120,12 @@ impl PreparedBatch {
     /// (the cache writes of the tensor path; f32 rows on the CPU write without it, see
     /// `rope_cache.rs`). Built on first use, once a step.
     pub fn slot_index(&self) -> Result<&Tensor> {
-        if let Some(index) = self.slot_index.get() {
-            return Ok(index);
-        }
-        let n = self.slots.len();
-        let index = Tensor::from_slice(&self.slots, (n, 1), self.input_ids.device())?
-            .broadcast_as((n, self.kv_dim))?
-            .contiguous()?;
-        Ok(self.slot_index.get_or_init(|| index))
+        built_once(&self.slot_index, || {
+            let n = self.slots.len();
+            Tensor::from_slice(&self.slots, (n, 1), self.input_ids.device())?
+                .broadcast_as((n, self.kv_dim))?
+                .contiguous()
+        })
     }
 
     pub fn new(
