@@ -1,5 +1,6 @@
-"""Starts `mixserve serve` on the shipped tiny model for the official `openai` client tests."""
+"""Starts `mixserve serve` (the shipped tiny model, or a given one) for the official `openai` client tests."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -19,17 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server():
+def mixserve_binary() -> str:
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-    binary = os.environ.get("MIXSERVE_BIN", str(target / "debug" / "mixserve"))
+    return os.environ.get("MIXSERVE_BIN", str(target / "debug" / "mixserve"))
+
+
+@contextlib.contextmanager
+def running_server(model: Path, *args: str):
+    """`mixserve serve --model MODEL ARGS` on a free port until healthy; its base URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            binary, "serve", "--model", str(ROOT / "models" / "tiny-mixtral"),
-            "--served-model-name", "tiny-mixtral", "--port", str(port),
-            "--api-key", API_KEY, "--kv-cache-memory", "64MiB",
-        ],
+        [mixserve_binary(), "serve", "--model", str(model), "--port", str(port), *args],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -47,10 +48,21 @@ def server():
             proc.kill()
             raise RuntimeError("mixserve did not become healthy: " + proc.stderr.read().decode())
         time.sleep(0.1)
-    yield base
-    proc.terminate()
     try:
-        assert proc.wait(timeout=30) == 0, "SIGTERM must shut the server down cleanly"
+        yield base
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        proc.terminate()
+        try:
+            assert proc.wait(timeout=30) == 0, "SIGTERM must shut the server down cleanly"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server():
+    with running_server(
+        ROOT / "models" / "tiny-mixtral",
+        "--served-model-name", "tiny-mixtral", "--api-key", API_KEY, "--kv-cache-memory", "64MiB",
+    ) as base:
+        yield base
