@@ -4,6 +4,7 @@
 //! row counts, the time per product, the weight bytes streamed per second and GFLOP/s.
 //! `cargo bench --bench matmul -- experts` streams whole packed experts (gate and up fused,
 //! then down) from memory, as a decode step does, next to a plain read's bandwidth.
+//! `cargo bench --bench matmul -- moe` times whole MoE layers, one token against sixteen.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
@@ -86,6 +87,12 @@ fn main() -> candle_core::Result<()> {
             .build()
             .map_err(candle_core::Error::wrap)?;
         pool.install(stream_experts)?;
+    }
+    if only.iter().any(|o| o == "moe") {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .build()
+            .map_err(candle_core::Error::wrap)?;
+        pool.install(moe_layers)?;
     }
     // Quantized weights: candle's kernel (activations rounded to 8 bits) against ours.
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
@@ -214,5 +221,99 @@ fn stream_experts() -> candle_core::Result<()> {
         "plain read: {before:.1} GB/s before, {:.1} GB/s after",
         read_bandwidth(&plain)
     );
+    Ok(())
+}
+
+/// MoE layers of the synthetic Mixtral's shape (q4k, 8 experts, top-2; 6 layers, 300 MB, far
+/// past the caches) run as the model's packed MoE block runs them: the active experts side by
+/// side on the pool, each on its tokens' rows. A one-token step against a 16-token step,
+/// alternating 20 times, three times over (this VM's bandwidth drifts by the minute): with
+/// tokens routed at random (fixed seed; ~7.9 experts a layer, 3.96x the one-token bytes), and
+/// with every expert given the same 1 or 4 rows (4.0x the bytes).
+fn moe_layers() -> candle_core::Result<()> {
+    use rayon::prelude::*;
+    let dev = Device::Cpu;
+    let (h, f, layers, per) = (1024usize, 3584usize, 6usize, 8usize);
+    let gate = QTensor::quantize(&Tensor::randn(0f32, 0.02, (f, h), &dev)?, GgmlDType::Q4K)?;
+    let down = QTensor::quantize(&Tensor::randn(0f32, 0.02, (h, f), &dev)?, GgmlDType::Q4K)?;
+    let pack = |q: &QTensor| -> candle_core::Result<Packed> {
+        Packed::new(q)?.ok_or_else(|| candle_core::Error::Msg("no packed kernel here".into()))
+    };
+    let experts = match (0..layers * per)
+        .map(|_| Ok((pack(&gate)?, pack(&gate)?, pack(&down)?)))
+        .collect::<candle_core::Result<Vec<_>>>()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            println!("moe: {e}");
+            return Ok(());
+        }
+    };
+    let mut seed = 12345u64;
+    let mut random = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    // Rows per expert of one layer: `tokens` routed at random to 2 distinct experts each.
+    let mut routed = |tokens: usize| {
+        let mut rows = vec![0usize; per];
+        for _ in 0..tokens {
+            let a = random() % per;
+            rows[a] += 1;
+            rows[(a + 1 + random() % (per - 1)) % per] += 1;
+        }
+        rows
+    };
+    let step = |rows_of: &mut dyn FnMut() -> Vec<usize>| -> f64 {
+        let t = Instant::now();
+        for l in 0..layers {
+            let rows = rows_of();
+            let active: Vec<(usize, usize)> = (0..per)
+                .filter(|&e| rows[e] > 0)
+                .map(|e| (l * per + e, rows[e]))
+                .collect();
+            active.par_iter().for_each(|&(e, m)| {
+                let (g, u, d) = &experts[e];
+                let x = vec![0.5f32; m * h];
+                let hidden = g
+                    .gated_matmul(u, &x, m, |g, u, o| gate_rows(Activation::Silu, g, u, o))
+                    .unwrap_or_default();
+                std::hint::black_box(d.matmul(&hidden, m));
+            });
+        }
+        t.elapsed().as_secs_f64()
+    };
+    println!(
+        "{:>22} {:>14} {:>14} {:>7}",
+        "16-token step", "1 token ms", "16 tokens ms", "ratio"
+    );
+    for _ in 0..3 {
+        for (name, fixed) in [
+            ("routed at random", 0usize),
+            ("1 row an expert", 1),
+            ("4 rows an expert", 4),
+        ] {
+            let (mut one, mut many) = (0f64, 0f64);
+            for _ in 0..20 {
+                one += step(&mut || routed(1));
+                many += step(&mut || {
+                    if fixed > 0 {
+                        vec![fixed; per]
+                    } else {
+                        routed(16)
+                    }
+                });
+            }
+            let per_layer = |t: f64| t / (20 * layers) as f64 * 1e3;
+            println!(
+                "{name:>22} {:>14.3} {:>14.3} {:>6.2}x",
+                per_layer(one),
+                per_layer(many),
+                many / one
+            );
+        }
+    }
     Ok(())
 }
