@@ -169,28 +169,46 @@ fn read_bandwidth(data: &[u64]) -> f64 {
     (data.len() * 8) as f64 / best / 1e9
 }
 
-/// Whole packed experts of the synthetic Mixtral's shape (q4k, 48 of them: 300 MB, far past
-/// the caches) against `m` rows, one after another as a decode step's MoE block runs them,
-/// best of 3 passes; the machine's (drifting) read bandwidth before and after.
-fn stream_experts() -> candle_core::Result<()> {
-    let dev = Device::Cpu;
-    let (h, f, count) = (1024usize, 3584usize, 48usize);
+/// The synthetic Mixtral's expert: hidden 1024, FFN 3584.
+const EXPERT_SHAPE: (usize, usize) = (1024, 3584);
+
+type PackedExpert = (Packed, Packed, Packed);
+
+/// Packed q4k experts `(gate, up, down)` of [`EXPERT_SHAPE`] (all the same random weights,
+/// each its own copy in memory) and their bytes in all; `None`, said under `what`, where this
+/// CPU has no packed kernel.
+fn packed_experts(
+    count: usize,
+    what: &str,
+) -> candle_core::Result<Option<(Vec<PackedExpert>, usize)>> {
+    let (dev, (h, f)) = (Device::Cpu, EXPERT_SHAPE);
     let gate = QTensor::quantize(&Tensor::randn(0f32, 0.02, (f, h), &dev)?, GgmlDType::Q4K)?;
     let down = QTensor::quantize(&Tensor::randn(0f32, 0.02, (h, f), &dev)?, GgmlDType::Q4K)?;
     let pack = |q: &QTensor| -> candle_core::Result<Packed> {
         Packed::new(q)?.ok_or_else(|| candle_core::Error::Msg("no packed kernel here".into()))
     };
-    let experts = match (0..count)
+    match (0..count)
         .map(|_| Ok((pack(&gate)?, pack(&gate)?, pack(&down)?)))
         .collect::<candle_core::Result<Vec<_>>>()
     {
-        Ok(e) => e,
+        Ok(e) => Ok(Some((e, 3 * gate.storage_size_in_bytes() * count))),
         Err(e) => {
-            println!("experts: {e}");
-            return Ok(());
+            println!("{what}: {e}");
+            Ok(None)
         }
+    }
+}
+
+/// Whole packed experts of the synthetic Mixtral's shape (q4k, 48 of them: 300 MB, far past
+/// the caches) against `m` rows, one after another as a decode step's MoE block runs them,
+/// best of 3 passes; the machine's (drifting) read bandwidth before and after.
+fn stream_experts() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let (h, count) = (EXPERT_SHAPE.0, 48usize);
+    let Some((experts, bytes)) = packed_experts(count, "experts")? else {
+        return Ok(());
     };
-    let bytes = (3 * gate.storage_size_in_bytes() * count) as f64;
+    let bytes = bytes as f64;
     let plain: Vec<u64> = (0..1u64 << 27).collect();
     let before = read_bandwidth(&plain);
     println!("{:>5} {:>12} {:>12}", "m", "experts GB/s", "ms/expert");
@@ -232,22 +250,9 @@ fn stream_experts() -> candle_core::Result<()> {
 /// with every expert given the same 1 or 4 rows (4.0x the bytes).
 fn moe_layers() -> candle_core::Result<()> {
     use rayon::prelude::*;
-    let dev = Device::Cpu;
-    let (h, f, layers, per) = (1024usize, 3584usize, 6usize, 8usize);
-    let gate = QTensor::quantize(&Tensor::randn(0f32, 0.02, (f, h), &dev)?, GgmlDType::Q4K)?;
-    let down = QTensor::quantize(&Tensor::randn(0f32, 0.02, (h, f), &dev)?, GgmlDType::Q4K)?;
-    let pack = |q: &QTensor| -> candle_core::Result<Packed> {
-        Packed::new(q)?.ok_or_else(|| candle_core::Error::Msg("no packed kernel here".into()))
-    };
-    let experts = match (0..layers * per)
-        .map(|_| Ok((pack(&gate)?, pack(&gate)?, pack(&down)?)))
-        .collect::<candle_core::Result<Vec<_>>>()
-    {
-        Ok(e) => e,
-        Err(e) => {
-            println!("moe: {e}");
-            return Ok(());
-        }
+    let (h, layers, per) = (EXPERT_SHAPE.0, 6usize, 8usize);
+    let Some((experts, _)) = packed_experts(layers * per, "moe")? else {
+        return Ok(());
     };
     let mut seed = 12345u64;
     let mut random = move || {
