@@ -4,11 +4,13 @@ an independent reference for the shapes, head ratios and routings that acceptanc
 
 Semantics followed (transformers' `modeling_mixtral.py` and `modeling_dbrx.py`):
 - Mixtral: RMSNorm, q/k/v/o projections (`head_dim` from the config when given), rotary
-  embeddings in the rotate-half layout, causal softmax attention with K/V heads repeated,
+  embeddings in the rotate-half layout, causal softmax attention with K/V heads repeated (a
+  query sees the last `sliding_window` positions, itself included, when one is set),
   router softmax over all experts, top-k, weights renormalised to sum 1, SwiGLU experts
   `w2(silu(w1 x) * w3 x)`.
 - DBRX: LayerNorm without bias, fused Wqkv clamped to `clip_qkv`, the same rotary and
-  attention, top-k weights divided by their p-norm (`moe_normalize_expert_weights`), experts
+  attention, top-k weights divided by their p-norm (`moe_normalize_expert_weights`; kept as
+  they are when it is null), experts
   stacked in `w1` / `v1` / `w2` of `[experts * ffn, d_model]` with `w2` used untransposed.
 """
 
@@ -51,7 +53,7 @@ def _write(directory: Path, config: dict, tensors: dict, shards: int, tokenizer_
 
 
 def make_mixtral(directory, tokenizer_from, *, hidden, heads, kv_heads, ffn, experts, top_k,
-                 layers, head_dim=None, seed=0, shards=3):
+                 layers, head_dim=None, sliding_window=None, seed=0, shards=3):
     rng = np.random.default_rng(seed)
     hd = head_dim or hidden // heads
     config = {
@@ -61,7 +63,7 @@ def make_mixtral(directory, tokenizer_from, *, hidden, heads, kv_heads, ffn, exp
         "num_local_experts": experts, "num_experts_per_tok": top_k, "vocab_size": VOCAB,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
         "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1,
-        "eos_token_id": 2, "torch_dtype": "float32",
+        "eos_token_id": 2, "torch_dtype": "float32", "sliding_window": sliding_window,
     }
     if head_dim:
         config["head_dim"] = head_dim
@@ -141,7 +143,7 @@ def _rope(x, theta):
     return x * cos + rotated * sin
 
 
-def _attention(q, k, v, heads, kv_heads, head_dim, theta):
+def _attention(q, k, v, heads, kv_heads, head_dim, theta, window=None):
     n = q.shape[0]
     q = _rope(q.reshape(n, heads, head_dim), theta)
     k = _rope(k.reshape(n, kv_heads, head_dim), theta)
@@ -149,6 +151,9 @@ def _attention(q, k, v, heads, kv_heads, head_dim, theta):
     k, v = (np.repeat(a, heads // kv_heads, axis=1) for a in (k, v))
     s = np.einsum("thd,shd->hts", q, k) / np.sqrt(head_dim)
     s = s + np.triu(np.full((n, n), -np.inf), 1)[None]
+    if window:
+        # transformers 5's sliding window: query i sees keys j with j > i - window.
+        s = s + np.tril(np.full((n, n), -np.inf), -window)[None]
     s = np.exp(s - s.max(-1, keepdims=True))
     s /= s.sum(-1, keepdims=True)
     return np.einsum("hts,shd->thd", s, v).reshape(n, heads * head_dim)
@@ -191,7 +196,8 @@ def logits(directory, ids):
             h = norm(x, t[p + "input_layernorm.weight"])
             a = p + "self_attn."
             att = _attention(h @ t[a + "q_proj.weight"].T, h @ t[a + "k_proj.weight"].T,
-                             h @ t[a + "v_proj.weight"].T, heads, kv, hd, config["rope_theta"])
+                             h @ t[a + "v_proj.weight"].T, heads, kv, hd, config["rope_theta"],
+                             config.get("sliding_window"))
             x = x + att @ t[a + "o_proj.weight"].T
             h = norm(x, t[p + "post_attention_layernorm.weight"])
             m = p + "block_sparse_moe."
