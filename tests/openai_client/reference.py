@@ -6,6 +6,7 @@ Semantics followed (transformers' `modeling_mixtral.py` and `modeling_dbrx.py`):
 - Mixtral: RMSNorm, q/k/v/o projections (`head_dim` from the config when given), rotary
   embeddings in the rotate-half layout, causal softmax attention with K/V heads repeated (a
   query sees the last `sliding_window` positions, itself included, when one is set),
+  the LM head being the embeddings when `tie_word_embeddings` is set,
   router softmax over all experts, top-k, weights renormalised to sum 1, SwiGLU experts
   `w2(silu(w1 x) * w3 x)`.
 - DBRX: LayerNorm without bias, fused Wqkv clamped to `clip_qkv`, the same rotary and
@@ -53,7 +54,7 @@ def _write(directory: Path, config: dict, tensors: dict, shards: int, tokenizer_
 
 
 def make_mixtral(directory, tokenizer_from, *, hidden, heads, kv_heads, ffn, experts, top_k,
-                 layers, head_dim=None, sliding_window=None, seed=0, shards=3):
+                 layers, head_dim=None, sliding_window=None, tied=False, seed=0, shards=3):
     rng = np.random.default_rng(seed)
     hd = head_dim or hidden // heads
     config = {
@@ -62,16 +63,19 @@ def make_mixtral(directory, tokenizer_from, *, hidden, heads, kv_heads, ffn, exp
         "num_key_value_heads": kv_heads, "num_hidden_layers": layers,
         "num_local_experts": experts, "num_experts_per_tok": top_k, "vocab_size": VOCAB,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
-        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1,
+        "hidden_act": "silu", "tie_word_embeddings": tied, "bos_token_id": 1,
         "eos_token_id": 2, "torch_dtype": "float32", "sliding_window": sliding_window,
     }
     if head_dim:
         config["head_dim"] = head_dim
     t = {
-        "model.embed_tokens.weight": _normal(rng, VOCAB, hidden, scale=1.0),
+        # Tied, the embeddings are also the LM head: at an LM head's scale.
+        "model.embed_tokens.weight": _normal(rng, VOCAB, hidden, scale=None if tied else 1.0),
         "model.norm.weight": _norm_weight(rng, hidden),
         "lm_head.weight": _normal(rng, VOCAB, hidden),
     }
+    if tied:
+        del t["lm_head.weight"]
     for i in range(layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = _norm_weight(rng, hidden)
@@ -208,6 +212,8 @@ def logits(directory, ids):
 
             x = x + _moe(h, t[m + "gate.weight"], expert, config["num_experts_per_tok"], 1.0)
         x = norm(x, t["model.norm.weight"])
+        if config.get("tie_word_embeddings"):
+            return x @ t["model.embed_tokens.weight"].T
     else:
         a, f = config["attn_config"], config["ffn_config"]
         dm, heads, kv = config["d_model"], config["n_heads"], a["kv_n_heads"]

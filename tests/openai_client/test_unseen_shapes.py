@@ -1,6 +1,6 @@
 """Checkpoints of shapes the fixtures lack (MQA, 3 of 6 KV heads, a head_dim that is not
 hidden / heads, top-1 and top-3 routing, a p=2 expert norm and none, clip_qkv that cuts hard
-and none, a sliding window shorter than the prompts, 2 and 3 shards), served by `mixserve serve` and read back through the `openai` client, against the
+and none, a sliding window shorter than the prompts, tied embeddings, 1 to 3 shards), served by `mixserve serve` and read back through the `openai` client, against the
 float64 numpy reference in `reference.py`."""
 
 import numpy as np
@@ -20,6 +20,9 @@ CHECKPOINTS = {
     "mixtral-window5": (reference.make_mixtral, dict(
         hidden=64, heads=4, kv_heads=2, ffn=96, experts=4, top_k=2, layers=2, sliding_window=5,
         seed=5, shards=2)),
+    "mixtral-tied-embeddings": (reference.make_mixtral, dict(
+        hidden=64, heads=8, kv_heads=8, ffn=64, experts=3, top_k=2, layers=1, tied=True, seed=7,
+        shards=1)),
     "dbrx-mqa-top3-clip0.5": (reference.make_dbrx, dict(
         d_model=96, heads=4, kv_heads=1, ffn=64, experts=5, top_k=3, layers=2, clip_qkv=0.5,
         seed=3)),
