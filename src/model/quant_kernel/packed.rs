@@ -110,6 +110,25 @@ pub trait Group: Copy + Send + Sync + 'static {
         out: &mut [f32],
         prefetch: bool,
     );
+    /// Activation rows per pass of [`Group::rows_pair`].
+    const PAIR_MAX_ROWS: usize = Self::MAX_ROWS;
+    /// `R` activation rows against the same run of two weights of one shape that take the
+    /// same activations (an expert's gate and up): `out_a` and `out_b` as [`Group::rows`]
+    /// fills them, bit for bit. By default, two passes of it.
+    ///
+    /// # Safety
+    /// As [`Group::rows`], for both runs and outputs, with `R` at most `PAIR_MAX_ROWS`.
+    unsafe fn rows_pair<const R: usize>(
+        xs: &[RowOf<'_, Self>],
+        a: &[Self],
+        b: &[Self],
+        out_a: &mut [f32],
+        out_b: &mut [f32],
+        prefetch: bool,
+    ) {
+        Self::rows::<R>(xs, a, out_a, prefetch);
+        Self::rows::<R>(xs, b, out_b, prefetch);
+    }
 }
 
 impl<G: Group> PackedWeight<G> {
@@ -227,9 +246,11 @@ impl<G: Group> PackedWeight<G> {
                 for g in runs {
                     // SAFETY: `available()` checked above; the rows were made `k` wide.
                     unsafe {
-                        kernel(&xs, self.run(g), &mut tile);
-                        if let Some(o) = other {
-                            kernel(&xs, o.run(g), &mut other_tile);
+                        match other {
+                            Some(o) => {
+                                kernel_pair(&xs, self.run(g), o.run(g), &mut tile, &mut other_tile)
+                            }
+                            None => kernel(&xs, self.run(g), &mut tile),
                         }
                     }
                     let (j, c) = (g * LANES, LANES.min(n - g * LANES));
@@ -289,6 +310,41 @@ unsafe fn kernel<G: Group>(xs: &[RowOf<'_, G>], groups: &[G], out: &mut [f32]) {
         &mut out[i * LANES..],
         i == 0,
     );
+}
+
+/// [`kernel`] for two weights of one shape on the same rows ([`Group::rows_pair`]), rows
+/// `G::PAIR_MAX_ROWS` at a time, then the rest.
+///
+/// # Safety
+/// `G::available()`.
+unsafe fn kernel_pair<G: Group>(
+    xs: &[RowOf<'_, G>],
+    a: &[G],
+    b: &[G],
+    out_a: &mut [f32],
+    out_b: &mut [f32],
+) {
+    let k = a.len() * G::INPUTS;
+    assert!(b.len() == a.len() && out_a.len().min(out_b.len()) >= xs.len() * LANES);
+    assert!(xs.iter().all(|x| G::holds(x, k)));
+    let max = G::PAIR_MAX_ROWS.clamp(1, 8);
+    let mut i = 0;
+    while i < xs.len() {
+        let r = max.min(xs.len() - i);
+        let (oa, ob) = (&mut out_a[i * LANES..], &mut out_b[i * LANES..]);
+        let (x, first) = (&xs[i..i + r], i == 0);
+        match r {
+            1 => G::rows_pair::<1>(x, a, b, oa, ob, first),
+            2 => G::rows_pair::<2>(x, a, b, oa, ob, first),
+            3 => G::rows_pair::<3>(x, a, b, oa, ob, first),
+            4 => G::rows_pair::<4>(x, a, b, oa, ob, first),
+            5 => G::rows_pair::<5>(x, a, b, oa, ob, first),
+            6 => G::rows_pair::<6>(x, a, b, oa, ob, first),
+            7 => G::rows_pair::<7>(x, a, b, oa, ob, first),
+            _ => G::rows_pair::<8>(x, a, b, oa, ob, first),
+        }
+        i += r;
+    }
 }
 
 /// `G::rows::<R>` for a run-time `r` (0..=8).
