@@ -49,7 +49,27 @@ impl Group for Q4Group {
         out: &mut [f32],
         prefetch: bool,
     ) {
-        rows::<R>(xs, groups, out, prefetch)
+        runs::<R, 1>(xs, [groups], [out], prefetch)
+    }
+
+    /// Two weights' sums of 4 rows fill the registers.
+    const PAIR_MAX_ROWS: usize = 4;
+
+    /// As q4k's: one pass for both from 2 rows on, each run streamed whole for one row.
+    unsafe fn rows_pair<const R: usize>(
+        xs: &[Row8<'_>],
+        a: &[Self],
+        b: &[Self],
+        out_a: &mut [f32],
+        out_b: &mut [f32],
+        prefetch: bool,
+    ) {
+        if R > 1 {
+            runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
+        } else {
+            runs::<R, 1>(xs, [a], [out_a], prefetch);
+            runs::<R, 1>(xs, [b], [out_b], prefetch);
+        }
     }
 }
 
@@ -69,12 +89,15 @@ pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4_0> {
     }))
 }
 
-/// `R` activation rows against one run of groups, accumulators in registers.
+/// `R` activation rows against the same run of `C` weights of one shape (`C` = 2: an
+/// expert's gate and up, each broadcast activation feeding both), accumulators in registers.
+/// A weight's instructions, so its results, are the same whatever `C`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn rows<const R: usize>(
+#[allow(clippy::needless_range_loop)] // `bi` indexes all C runs
+unsafe fn runs<const R: usize, const C: usize>(
     xs: &[Row8<'_>],
-    groups: &[Q4Group],
-    out: &mut [f32],
+    groups: [&[Q4Group]; C],
+    outs: [&mut [f32]; C],
     prefetch: bool,
 ) {
     let RowPtrs {
@@ -83,35 +106,49 @@ unsafe fn rows<const R: usize>(
         sums: xsum,
     } = RowPtrs::<R>::new(xs);
     let nibble = _mm512_set1_epi8(0x0F);
-    let mut acc = [_mm512_setzero_ps(); R];
-    for (bi, g) in groups.iter().enumerate() {
+    let mut acc = [[_mm512_setzero_ps(); R]; C];
+    let len = groups[0].len();
+    for bi in 0..len {
+        let g: [&Q4Group; C] = std::array::from_fn(|c| &groups[c][bi]);
         if prefetch {
-            prefetch_next_run(g, groups.len());
-        }
-        let mut s = [_mm512_setzero_si512(); R];
-        for (gr, w) in g.w.iter().enumerate() {
-            let v = _mm512_loadu_si512(w.as_ptr() as *const __m512i);
-            let lo = _mm512_and_si512(v, nibble);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
-            for r in 0..R {
-                let x = xq[r].add(bi * QK + 4 * gr);
-                let xl = std::ptr::read_unaligned(x as *const i32);
-                let xh = std::ptr::read_unaligned(x.add(16) as *const i32);
-                s[r] = _mm512_dpbusd_epi32(s[r], lo, _mm512_set1_epi32(xl));
-                s[r] = _mm512_dpbusd_epi32(s[r], hi, _mm512_set1_epi32(xh));
+            for g in g {
+                prefetch_next_run(g, len);
             }
         }
-        let d = _mm512_cvtph_ps(_mm256_load_si256(g.d.as_ptr() as *const __m256i));
-        for r in 0..R {
-            // Weights are stored 8 above their value: take 8 x the block's activation sum.
-            let offset = _mm512_set1_epi32(8 * *xsum[r].add(bi) as i32);
-            let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], offset));
-            let scale = _mm512_mul_ps(d, _mm512_set1_ps(*xd[r].add(bi)));
-            acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
+        let mut s = [[_mm512_setzero_si512(); R]; C];
+        for gr in 0..4 {
+            let mut lo = [_mm512_setzero_si512(); C];
+            let mut hi = [_mm512_setzero_si512(); C];
+            for c in 0..C {
+                let v = _mm512_loadu_si512(g[c].w[gr].as_ptr() as *const __m512i);
+                lo[c] = _mm512_and_si512(v, nibble);
+                hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+            }
+            for r in 0..R {
+                let x = xq[r].add(bi * QK + 4 * gr);
+                let xl = _mm512_set1_epi32(std::ptr::read_unaligned(x as *const i32));
+                let xh = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(16) as *const i32));
+                for c in 0..C {
+                    s[c][r] = _mm512_dpbusd_epi32(s[c][r], lo[c], xl);
+                    s[c][r] = _mm512_dpbusd_epi32(s[c][r], hi[c], xh);
+                }
+            }
+        }
+        for c in 0..C {
+            let d = _mm512_cvtph_ps(_mm256_load_si256(g[c].d.as_ptr() as *const __m256i));
+            for r in 0..R {
+                // Weights are stored 8 above their value: take 8 x the block's activation sum.
+                let offset = _mm512_set1_epi32(8 * *xsum[r].add(bi) as i32);
+                let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(s[c][r], offset));
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*xd[r].add(bi)));
+                acc[c][r] = _mm512_fmadd_ps(sum, scale, acc[c][r]);
+            }
         }
     }
-    for (r, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out[r * LANES..r * LANES + LANES].as_mut_ptr(), *a);
+    for (out, acc) in outs.into_iter().zip(&acc) {
+        for (r, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out[r * LANES..r * LANES + LANES].as_mut_ptr(), *a);
+        }
     }
 }
 
@@ -169,6 +206,29 @@ mod tests {
                 let alone = packed.matmul(&x[i * k..(i + 1) * k], 1, 128);
                 assert_eq!(alone[..], got[i * n..(i + 1) * n], "m {m} row {i}");
             }
+        }
+        Ok(())
+    }
+
+    /// Gate and up in one pass give, bit for bit, what two products give.
+    #[test]
+    fn paired_products_equal_separate_ones() -> Result<()> {
+        if !Q4Group::available() {
+            return Ok(());
+        }
+        let (n, k) = (40, 256);
+        let gate = pack(&bytes(n, k, 5)?, n, k)?;
+        let up = pack(&bytes(n, k, 6)?, n, k)?;
+        for m in [1, 2, 3, 4, 5, 7, 8, 9, 13] {
+            let x = data(m * k, 30 + m as u32);
+            let (g, u) = (gate.matmul(&x, m, 128), up.matmul(&x, m, 128));
+            let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g - 3.0 * u).collect();
+            let got = gate.gated_matmul(&up, &x, m, 128, |g, u, out| {
+                for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+                    *o = g - 3.0 * u;
+                }
+            });
+            assert_eq!(got, want, "m {m}");
         }
         Ok(())
     }
