@@ -121,9 +121,9 @@ impl Group for Q4kGroup {
     /// Two weights' sums of 4 rows fill the registers.
     const PAIR_MAX_ROWS: usize = 4;
 
-    /// One pass for both from 2 rows on (in-process A/B, q4k, 16 sequences: -1.8% and -2.8% a
-    /// step); one row streams each run whole, as before: interleaving the two weights group
-    /// by group made one-sequence steps 0.8% slower.
+    /// One pass for both at 2 to 4 rows (in-process A/B, 16 sequences: -1.3% and -1.6% a
+    /// step, 16 pairs); one row streams each run whole, as before: interleaving the two
+    /// weights group by group made one-sequence steps 0.8% slower.
     unsafe fn rows_pair<const R: usize>(
         xs: &[Row8<'_>],
         a: &[Self],
