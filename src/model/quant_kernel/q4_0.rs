@@ -55,7 +55,6 @@ impl Group for Q4Group {
     /// Two weights' sums of 4 rows fill the registers.
     const PAIR_MAX_ROWS: usize = 4;
 
-    /// As q4k's: one pass for both from 2 rows on, each run streamed whole for one row.
     unsafe fn rows_pair<const R: usize>(
         xs: &[Row8<'_>],
         a: &[Self],
@@ -64,12 +63,7 @@ impl Group for Q4Group {
         out_b: &mut [f32],
         prefetch: bool,
     ) {
-        if R > 1 {
-            runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
-        } else {
-            runs::<R, 1>(xs, [a], [out_a], prefetch);
-            runs::<R, 1>(xs, [b], [out_b], prefetch);
-        }
+        runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
     }
 }
 
@@ -219,17 +213,7 @@ mod tests {
         let (n, k) = (40, 256);
         let gate = pack(&bytes(n, k, 5)?, n, k)?;
         let up = pack(&bytes(n, k, 6)?, n, k)?;
-        for m in [1, 2, 3, 4, 5, 7, 8, 9, 13] {
-            let x = data(m * k, 30 + m as u32);
-            let (g, u) = (gate.matmul(&x, m, 128), up.matmul(&x, m, 128));
-            let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g - 3.0 * u).collect();
-            let got = gate.gated_matmul(&up, &x, m, 128, |g, u, out| {
-                for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
-                    *o = g - 3.0 * u;
-                }
-            });
-            assert_eq!(got, want, "m {m}");
-        }
+        super::super::packed::assert_paired_equals_separate(&gate, &up);
         Ok(())
     }
 

@@ -115,15 +115,12 @@ impl Group for Q4kGroup {
         out: &mut [f32],
         prefetch: bool,
     ) {
-        rows::<R>(xs, groups, out, prefetch)
+        runs::<R, 1>(xs, [groups], [out], prefetch)
     }
 
     /// Two weights' sums of 4 rows fill the registers.
     const PAIR_MAX_ROWS: usize = 4;
 
-    /// One pass for both at 2 to 4 rows (in-process A/B, 16 sequences: -1.3% and -1.6% a
-    /// step, 16 pairs); one row streams each run whole, as before: interleaving the two
-    /// weights group by group made one-sequence steps 0.8% slower.
     unsafe fn rows_pair<const R: usize>(
         xs: &[Row8<'_>],
         a: &[Self],
@@ -132,12 +129,7 @@ impl Group for Q4kGroup {
         out_b: &mut [f32],
         prefetch: bool,
     ) {
-        if R > 1 {
-            runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
-        } else {
-            rows::<R>(xs, a, out_a, prefetch);
-            rows::<R>(xs, b, out_b, prefetch);
-        }
+        runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
     }
 }
 
@@ -169,17 +161,6 @@ pub fn pack(bytes: &[u8], n: usize, k: usize) -> Result<PackedQ4K> {
             group.dmin[lane] = u16::from_le_bytes(b.dmin);
         },
     ))
-}
-
-/// `R` (up to 8) activation rows against one run of groups: [`runs`] with one weight.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn rows<const R: usize>(
-    xs: &[Row8<'_>],
-    groups: &[Q4kGroup],
-    out: &mut [f32],
-    prefetch: bool,
-) {
-    runs::<R, 1>(xs, [groups], [out], prefetch)
 }
 
 /// `R` activation rows against the same run of `C` weights of one shape (an expert's gate and
@@ -422,17 +403,7 @@ mod tests {
         let (n, k) = (40, 512);
         let gate = pack(&quantize(n, k, 11)?.data()?, n, k)?;
         let up = pack(&quantize(n, k, 12)?.data()?, n, k)?;
-        for m in [1, 2, 3, 4, 5, 7, 8, 9, 13] {
-            let x = data(m * k, 20 + m as u32);
-            let (g, u) = (gate.matmul(&x, m, 128), up.matmul(&x, m, 128));
-            let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g - 3.0 * u).collect();
-            let got = gate.gated_matmul(&up, &x, m, 128, |g, u, out| {
-                for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
-                    *o = g - 3.0 * u;
-                }
-            });
-            assert_eq!(got, want, "m {m}");
-        }
+        super::super::packed::assert_paired_equals_separate(&gate, &up);
         Ok(())
     }
 
