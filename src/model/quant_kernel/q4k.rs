@@ -242,22 +242,26 @@ unsafe fn runs<const R: usize, const C: usize>(
                 }
             }
         }
-        for c in 0..C {
-            let g = g[c];
-            let mut msum = [_mm512_setzero_si512(); R];
-            for p in 0..4 {
-                let mins =
-                    _mm512_cvtepu8_epi16(_mm256_load_si256(g.mins[p].as_ptr() as *const __m256i));
-                for r in 0..R {
-                    let pair = xsum[r].add(bi * 8 + 2 * p) as *const u8;
-                    msum[r] = _mm512_dpwssd_epi32(msum[r], mins, bcast!(pair));
+        // The mins of every weight, each row's pair of activation sums broadcast once for all.
+        let mut msum = [[_mm512_setzero_si512(); R]; C];
+        for p in 0..4 {
+            let mins: [__m512i; C] = std::array::from_fn(|c| {
+                _mm512_cvtepu8_epi16(_mm256_load_si256(g[c].mins[p].as_ptr() as *const __m256i))
+            });
+            for r in 0..R {
+                let pair = bcast!(xsum[r].add(bi * 8 + 2 * p) as *const u8);
+                for c in 0..C {
+                    msum[c][r] = _mm512_dpwssd_epi32(msum[c][r], mins[c], pair);
                 }
             }
+        }
+        for c in 0..C {
+            let g = g[c];
             let d = _mm512_cvtph_ps(_mm256_load_si256(g.d.as_ptr() as *const __m256i));
             let dmin = _mm512_cvtph_ps(_mm256_load_si256(g.dmin.as_ptr() as *const __m256i));
             for r in 0..R {
                 let f = _mm512_mul_ps(_mm512_cvtepi32_ps(isum[c][r]), d);
-                let f = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[r]), dmin, f);
+                let f = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[c][r]), dmin, f);
                 let at = o[c].add(r * LANES);
                 let a = _mm512_loadu_ps(at);
                 _mm512_storeu_ps(at, _mm512_fmadd_ps(f, _mm512_set1_ps(*xd[r].add(bi)), a));
