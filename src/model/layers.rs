@@ -14,7 +14,7 @@ pub enum Linear {
         q: Arc<QTensor>,
         mm: QMatMul,
     },
-    /// Packed for the CPU's VNNI kernels (candle's copy dropped).
+    /// Packed for the CPU's VNNI or AVX2 kernels (candle's copy dropped).
     #[cfg(target_arch = "x86_64")]
     Packed(quant_kernel::Packed),
 }

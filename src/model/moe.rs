@@ -300,7 +300,7 @@ mod tests {
             };
             let fast = make()?;
             if !fast.packed {
-                // No VNNI here: nothing is packed, the tensor path is the only one.
+                // Neither VNNI nor AVX2 here: nothing is packed, the tensor path is the only one.
                 return Ok(());
             }
             let mut slow = make()?;

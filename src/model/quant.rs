@@ -224,7 +224,7 @@ mod tests {
     }
 
     /// Every format's product stays close to the unquantized one (through whichever kernel
-    /// the CPU takes: the packed VNNI one or candle's for q4k, ours for q8_0 and q4_0).
+    /// the CPU takes: the packed VNNI or AVX2 ones, or candle's where neither is there).
     #[test]
     fn quantized_products_track_the_dense_one() -> Result<()> {
         let w = weight(64, 512)?;

@@ -1,8 +1,9 @@
 //! Integer kernels for GGML-quantized weights on the CPU.
 //!
-//! On CPUs with AVX-512 VNNI every format is packed on load for the kernels in `packed.rs`
-//! and its neighbours ([`Packed`]); this file holds the unpacked kernels other x86 CPUs use
-//! for q8_0 and q4_0 (q4k then goes to candle's), and the blocks and activations both share.
+//! On x86 CPUs with AVX-512 VNNI or AVX2 every format is packed on load for the kernels in
+//! `packed.rs` and its neighbours ([`Packed`]; each format's `avx2.rs` for CPUs without
+//! VNNI); this file holds the blocks and activations they share, and the unpacked kernels
+//! that `Linear` falls back to where nothing is packed.
 //!
 //! GGML's own kernels (candle's `QMatMul`) round the activations to 8 bits per block; on the
 //! reference fixtures that alone moved q8_0 prompt logprobs by up to 0.29. Widening the
@@ -298,7 +299,7 @@ mod q8_0;
 #[cfg(target_arch = "x86_64")]
 mod rows8;
 
-/// A quantized weight packed on load for this CPU's VNNI kernels (see `packed.rs`).
+/// A quantized weight packed on load for this CPU's VNNI or AVX2 kernels (see `packed.rs`).
 #[cfg(target_arch = "x86_64")]
 pub enum Packed {
     Q4K(q4k::PackedQ4K),

@@ -1,7 +1,9 @@
 //! Quantized weights repacked on load, 16 rows interleaved per block of inputs, as llama.cpp
 //! repacks them for its CPU kernels: each lane of a VNNI accumulator is one output row, so one
 //! multiply applies 16 rows' block scales and no horizontal sums are needed. Lanes are output
-//! columns, so a row's result is the same instruction sequence whatever its batch.
+//! columns, so a row's result is the same instruction sequence whatever its batch. CPUs
+//! with AVX2 but not VNNI read the same layout as two 8-lane halves (each format's
+//! `avx2.rs`), so the packing is one whatever the CPU.
 
 use super::super::small_matmul::{prefetch_lines_as, SharedOut, MIN_WEIGHTS_PER_TASK};
 use super::{as_blocks, RawBlock};
@@ -12,9 +14,14 @@ use std::arch::x86_64::_MM_HINT_NTA;
 /// Weight rows interleaved in one group.
 pub const LANES: usize = 16;
 
-/// Whether the CPU has what every packed kernel needs: AVX-512 F and BW, and VNNI.
+/// Whether the CPU has what the VNNI kernels need: AVX-512 F and BW, and VNNI.
 pub fn vnni() -> bool {
     super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
+}
+
+/// Whether the CPU has what the AVX2 kernels (for CPUs without VNNI) need: AVX2, FMA, F16C.
+pub fn avx2() -> bool {
+    super::super::small_matmul::has_simd()
 }
 
 /// Prefetches the group one run on from `g` (a run is `run` groups: the same block of the

@@ -1,4 +1,4 @@
-//! q4_0 packed for AVX-512 VNNI (see `packed.rs`), with activations rounded to 8 bits per
+//! q4_0 packed for AVX-512 VNNI (see `packed.rs`; `avx2.rs` for CPUs without it), with activations rounded to 8 bits per
 //! block of 32 as GGML's own q4_0 kernels round them (its `q8_0`): 16 rows interleaved 4
 //! weights at a time, so a `vpdpbusd` adds 64 products (4-bit weight, 8-bit activation) into
 //! 16 rows' lanes, half the instructions of the 16-bit `vpdpwssd` kernel q8_0 keeps. The
@@ -9,6 +9,8 @@ use super::rows8::{Row8, RowPtrs, Rows8};
 use super::BlockQ4_0;
 use candle_core::Result;
 use std::arch::x86_64::*;
+
+mod avx2;
 
 /// Inputs per block.
 const QK: usize = 32;
@@ -35,8 +37,9 @@ impl Group for Q4Group {
     };
     type Acts = Rows8<QK>;
 
+    /// AVX-512 VNNI, or AVX2 (`avx2.rs`).
     fn available() -> bool {
-        super::packed::vnni()
+        super::packed::vnni() || super::packed::avx2()
     }
 
     fn holds(x: &Row8<'_>, k: usize) -> bool {
@@ -49,7 +52,11 @@ impl Group for Q4Group {
         out: &mut [f32],
         prefetch: bool,
     ) {
-        runs::<R, 1>(xs, [groups], [out], prefetch)
+        if super::packed::vnni() {
+            runs::<R, 1>(xs, [groups], [out], prefetch)
+        } else {
+            avx2::rows::<R>(xs, groups, out, prefetch)
+        }
     }
 
     /// Two weights' sums of 4 rows fill the registers.
@@ -63,7 +70,13 @@ impl Group for Q4Group {
         out_b: &mut [f32],
         prefetch: bool,
     ) {
-        runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
+        if super::packed::vnni() {
+            runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
+        } else {
+            // AVX2's 16 registers hold no second weight's sums: two passes.
+            avx2::rows::<R>(xs, a, out_a, prefetch);
+            avx2::rows::<R>(xs, b, out_b, prefetch);
+        }
     }
 }
 

@@ -16,6 +16,8 @@ use super::RawBlock;
 use candle_core::Result;
 use std::arch::x86_64::*;
 
+mod avx2;
+
 /// Weights per super-block.
 pub const QK_K: usize = 256;
 
@@ -100,9 +102,9 @@ impl Group for Q4kGroup {
     };
     type Acts = Rows8<QK_K>;
 
-    /// AVX-512 F, BW and VNNI.
+    /// AVX-512 VNNI, or AVX2 (`avx2.rs`).
     fn available() -> bool {
-        super::packed::vnni()
+        super::packed::vnni() || super::packed::avx2()
     }
 
     fn holds(x: &Row8<'_>, k: usize) -> bool {
@@ -115,7 +117,11 @@ impl Group for Q4kGroup {
         out: &mut [f32],
         prefetch: bool,
     ) {
-        runs::<R, 1>(xs, [groups], [out], prefetch)
+        if super::packed::vnni() {
+            runs::<R, 1>(xs, [groups], [out], prefetch)
+        } else {
+            avx2::rows::<R>(xs, groups, out, prefetch)
+        }
     }
 
     /// Two weights' sums of 4 rows fill the registers.
@@ -129,7 +135,13 @@ impl Group for Q4kGroup {
         out_b: &mut [f32],
         prefetch: bool,
     ) {
-        runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
+        if super::packed::vnni() {
+            runs::<R, 2>(xs, [a, b], [out_a, out_b], prefetch)
+        } else {
+            // AVX2's 16 registers hold no second weight's sums: two passes.
+            avx2::rows::<R>(xs, a, out_a, prefetch);
+            avx2::rows::<R>(xs, b, out_b, prefetch);
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! q8_0 packed for AVX-512 VNNI (see `packed.rs`): with the 16 rows of a group interleaved
+//! q8_0 packed for AVX-512 VNNI (see `packed.rs`; `avx2.rs` for CPUs without it): with the 16 rows of a group interleaved
 //! two weights at a time, widened to 16 bits, each `vpdpwssd` adds 32 products of 16 rows
 //! with one pair of activations broadcast, and one conversion and FMA per block apply the 16
 //! rows' scales. Same arithmetic as the unpacked kernels (activations rounded to 16 bits per
@@ -9,6 +9,8 @@ use super::packed::{prefetch_next_run, Group, PackedWeight, LANES};
 use super::{BlockQ8_0, Row16, Rows16};
 use candle_core::Result;
 use std::arch::x86_64::*;
+
+mod avx2;
 
 /// Inputs per block.
 const QK: usize = 32;
@@ -34,8 +36,9 @@ impl Group for Q8Group {
     const MAX_ROWS: usize = 8;
     type Acts = Rows16;
 
+    /// AVX-512 VNNI, or AVX2 (`avx2.rs`).
     fn available() -> bool {
-        super::packed::vnni()
+        super::packed::vnni() || super::packed::avx2()
     }
 
     fn holds(x: &Row16<'_>, k: usize) -> bool {
@@ -48,7 +51,11 @@ impl Group for Q8Group {
         out: &mut [f32],
         prefetch: bool,
     ) {
-        rows::<R>(xs, groups, out, prefetch)
+        if super::packed::vnni() {
+            rows::<R>(xs, groups, out, prefetch)
+        } else {
+            avx2::rows::<R>(xs, groups, out, prefetch)
+        }
     }
 }
 

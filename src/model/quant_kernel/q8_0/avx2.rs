@@ -1,0 +1,85 @@
+//! [`Q8Group`]'s products on CPUs with AVX2 but not AVX-512 VNNI: the same packed layout,
+//! each 16-lane pair of weights read as two 8-lane halves widened to 16 bits, `vpmaddwd`
+//! and an add in place of `vpdpwssd`. The same exact i32 block sums (32 products of at most
+//! 128 x 32,767) and the same float tail per row, in a fixed order.
+
+use super::super::packed::{prefetch_next_run, LANES};
+use super::super::Row16;
+use super::{Q8Group, QK};
+use std::arch::x86_64::*;
+
+/// Lanes in a half.
+const HALF: usize = LANES / 2;
+
+/// `R` activation rows (1 to 8) against one run of groups, `out[r * 16 + lane]`, in passes
+/// of at most three rows (what the 16 registers hold), 2 + 2 rather than 3 + 1.
+///
+/// # Safety
+/// AVX2, FMA and F16C; as [`super::super::packed::Group::rows`].
+pub unsafe fn rows<const R: usize>(
+    xs: &[Row16<'_>],
+    groups: &[Q8Group],
+    out: &mut [f32],
+    prefetch: bool,
+) {
+    let mut done = 0;
+    while done < R {
+        let left = R - done;
+        let take = if left == 4 { 2 } else { left.min(3) };
+        let (xs, out, prefetch) = (&xs[done..], &mut out[done * LANES..], prefetch && done == 0);
+        match take {
+            1 => runs::<1>(xs, groups, out, prefetch),
+            2 => runs::<2>(xs, groups, out, prefetch),
+            _ => runs::<3>(xs, groups, out, prefetch),
+        }
+        done += take;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn runs<const R: usize>(
+    xs: &[Row16<'_>],
+    groups: &[Q8Group],
+    out: &mut [f32],
+    prefetch: bool,
+) {
+    let mut xq = [std::ptr::null::<i16>(); R];
+    let mut xd = [std::ptr::null::<f32>(); R];
+    for (r, x) in xs.iter().take(R).enumerate() {
+        xq[r] = x.q.as_ptr();
+        xd[r] = x.d.as_ptr();
+    }
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for (bi, g) in groups.iter().enumerate() {
+        if prefetch {
+            prefetch_next_run(g, groups.len());
+        }
+        let mut s = [[_mm256_setzero_si256(); 2]; R];
+        for (j, pair) in g.w.iter().enumerate() {
+            let w = |h: usize| {
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(pair.as_ptr().add(16 * h) as *const __m128i))
+            };
+            let w = [w(0), w(1)];
+            for r in 0..R {
+                // Activations 2j, 2j + 1: one 32-bit lane.
+                let x = std::ptr::read_unaligned(xq[r].add(bi * QK + 2 * j) as *const i32);
+                let x = _mm256_set1_epi32(x);
+                for h in 0..2 {
+                    s[r][h] = _mm256_add_epi32(s[r][h], _mm256_madd_epi16(w[h], x));
+                }
+            }
+        }
+        for h in 0..2 {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr().add(HALF * h) as *const __m128i));
+            for r in 0..R {
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*xd[r].add(bi)));
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][h]), scale, acc[r][h]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (h, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out[r * LANES + HALF * h..].as_mut_ptr(), *a);
+        }
+    }
+}
