@@ -77,7 +77,7 @@ pub fn weight_blocks<B: RawBlock>(bytes: &[u8], n: usize, k: usize, per: usize) 
 pub struct PackedWeight<G> {
     n: usize,
     k: usize,
-    groups: Vec<G>,
+    pub(super) groups: Vec<G>,
 }
 
 /// Activation rows rounded to integers the way a kernel takes them.
