@@ -19,6 +19,20 @@ pub fn vnni() -> bool {
     super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
 }
 
+/// The passes an AVX2 kernel makes over a run for `rows` activation rows, at most `max` (what
+/// its 16 registers hold) each, as (first row, rows): four rows go as 2 + 2 rather than
+/// 3 + 1, a lone row's pass being the dearest. Only the first pass prefetches.
+pub fn avx2_passes(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        let left = rows - done;
+        let take = if left == 4 { 2 } else { left.min(max) };
+        let pass = (done, take);
+        done += take;
+        (take > 0).then_some(pass)
+    })
+}
+
 /// Whether the CPU has what the AVX2 kernels (for CPUs without VNNI) need: AVX2, FMA, F16C.
 pub fn avx2() -> bool {
     super::super::small_matmul::has_simd()
@@ -394,5 +408,21 @@ pub fn assert_paired_equals_separate<G: Group>(gate: &PackedWeight<G>, up: &Pack
             }
         });
         assert_eq!(got, want, "m {m}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::avx2_passes;
+
+    #[test]
+    fn avx2_passes_cover_the_rows_and_never_leave_a_lone_row_after_three() {
+        let split = |r, max| avx2_passes(r, max).collect::<Vec<_>>();
+        assert_eq!(split(0, 3), vec![]);
+        assert_eq!(split(1, 3), vec![(0, 1)]);
+        assert_eq!(split(4, 3), vec![(0, 2), (2, 2)]);
+        assert_eq!(split(7, 3), vec![(0, 3), (3, 2), (5, 2)]);
+        assert_eq!(split(8, 3), vec![(0, 3), (3, 3), (6, 2)]);
+        assert_eq!(split(5, 2), vec![(0, 2), (2, 2), (4, 1)]);
     }
 }

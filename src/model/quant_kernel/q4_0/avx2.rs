@@ -4,7 +4,7 @@
 //! halves), so one `vpmaddwd` per block widens them; the offset of 8 and the float scales
 //! are taken as the VNNI kernel takes them, in a fixed order per row.
 
-use super::super::packed::{prefetch_next_run, LANES};
+use super::super::packed::{avx2_passes, prefetch_next_run, LANES};
 use super::super::rows8::{Row8, RowPtrs};
 use super::{Q4Group, QK};
 use std::arch::x86_64::*;
@@ -23,9 +23,9 @@ pub unsafe fn rows<const R: usize>(
     out: &mut [f32],
     prefetch: bool,
 ) {
-    for done in (0..R).step_by(2) {
+    for (done, take) in avx2_passes(R, 2) {
         let (xs, out, prefetch) = (&xs[done..], &mut out[done * LANES..], prefetch && done == 0);
-        if R - done >= 2 {
+        if take == 2 {
             runs::<2>(xs, groups, out, prefetch)
         } else {
             runs::<1>(xs, groups, out, prefetch)

@@ -6,7 +6,7 @@
 //! scale. The integer sums are GGML's, and each row's float tail runs in a fixed order, so a
 //! row's result is the same alone or batched.
 
-use super::super::packed::LANES;
+use super::super::packed::{avx2_passes, LANES};
 use super::super::rows8::{Row8, RowPtrs};
 use super::{Q4kGroup, QK_K};
 use std::arch::x86_64::*;
@@ -29,18 +29,13 @@ pub unsafe fn rows<const R: usize>(
     out: &mut [f32],
     prefetch: bool,
 ) {
-    let mut done = 0;
-    while done < R {
-        let left = R - done;
-        // Passes of 3, but 2 + 2 rather than 3 + 1 (a lone row's pass is the dearest).
-        let take = if left == 4 { 2 } else { left.min(MAX_ROWS) };
-        let (xs, out) = (&xs[done..], &mut out[done * LANES..]);
+    for (done, take) in avx2_passes(R, MAX_ROWS) {
+        let (xs, out, prefetch) = (&xs[done..], &mut out[done * LANES..], prefetch && done == 0);
         match take {
-            1 => runs::<1>(xs, groups, out, prefetch && done == 0),
-            2 => runs::<2>(xs, groups, out, prefetch && done == 0),
-            _ => runs::<3>(xs, groups, out, prefetch && done == 0),
+            1 => runs::<1>(xs, groups, out, prefetch),
+            2 => runs::<2>(xs, groups, out, prefetch),
+            _ => runs::<3>(xs, groups, out, prefetch),
         }
-        done += take;
     }
 }
 

@@ -3,7 +3,7 @@
 //! and an add in place of `vpdpwssd`. The same exact i32 block sums (32 products of at most
 //! 128 x 32,767) and the same float tail per row, in a fixed order.
 
-use super::super::packed::{prefetch_next_run, LANES};
+use super::super::packed::{avx2_passes, prefetch_next_run, LANES};
 use super::super::Row16;
 use super::{Q8Group, QK};
 use std::arch::x86_64::*;
@@ -22,17 +22,13 @@ pub unsafe fn rows<const R: usize>(
     out: &mut [f32],
     prefetch: bool,
 ) {
-    let mut done = 0;
-    while done < R {
-        let left = R - done;
-        let take = if left == 4 { 2 } else { left.min(3) };
+    for (done, take) in avx2_passes(R, 3) {
         let (xs, out, prefetch) = (&xs[done..], &mut out[done * LANES..], prefetch && done == 0);
         match take {
             1 => runs::<1>(xs, groups, out, prefetch),
             2 => runs::<2>(xs, groups, out, prefetch),
             _ => runs::<3>(xs, groups, out, prefetch),
         }
-        done += take;
     }
 }
 
