@@ -5,12 +5,14 @@
 //! `cargo bench --bench matmul -- experts` streams whole packed experts (gate and up fused,
 //! then down) from memory, as a decode step does, next to a plain read's bandwidth.
 //! `cargo bench --bench matmul -- moe` times whole MoE layers, one token against sixteen.
+//! `cargo bench --bench matmul -- hot` times the packed kernels on one thread with the weight
+//! in L2, so arithmetic alone: ns per 16 x 256 block of weights and activation row.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
 use mixserve::config::Activation;
-use mixserve::model::quant_kernel::{quantized_matmul_t, Packed};
+use mixserve::model::quant_kernel::Packed;
 use mixserve::model::small_matmul::small_matmul_t;
 use mixserve::model::swiglu::gate_rows;
 use std::time::Instant;
@@ -88,6 +90,13 @@ fn main() -> candle_core::Result<()> {
             .map_err(candle_core::Error::wrap)?;
         pool.install(stream_experts)?;
     }
+    if only.iter().any(|o| o == "hot") {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .map_err(candle_core::Error::wrap)?;
+        pool.install(hot_kernels)?;
+    }
     if only.iter().any(|o| o == "moe") {
         let pool = rayon::ThreadPoolBuilder::new()
             .build()
@@ -114,26 +123,22 @@ fn main() -> candle_core::Result<()> {
                 i = (i + 1) % mms.len();
                 mms[i].forward(&x)
             })?;
-            let packed: Vec<Option<Packed>> = qs
+            let packed: Vec<Packed> = match qs
                 .iter()
                 .map(Packed::new)
-                .collect::<candle_core::Result<_>>()?;
-            let ours = if let Some(Some(_)) = packed.first() {
-                let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                time(20, || {
-                    i = (i + 1) % packed.len();
-                    let y = match &packed[i] {
-                        Some(p) => p.matmul(&xv, m),
-                        None => Vec::new(),
-                    };
-                    Tensor::from_vec(y, (m, n), &dev)
-                })?
-            } else {
-                time(20, || {
-                    i = (i + 1) % qs.len();
-                    Ok(quantized_matmul_t(&x, &qs[i])?.unwrap_or(x.clone()))
-                })?
+                .collect::<candle_core::Result<Option<Vec<_>>>>()?
+            {
+                Some(p) => p,
+                None => {
+                    println!("{dtype:?}: no packed kernel on this CPU (candle's runs)");
+                    continue;
+                }
             };
+            let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let ours = time(20, || {
+                i = (i + 1) % packed.len();
+                Tensor::from_vec(packed[i].matmul(&xv, m), (m, n), &dev)
+            })?;
             let bytes = qs[0].storage_size_in_bytes() as f64;
             println!(
                 "{:>6} {m:>5} {n:>6} {k:>6} {:>10.3} {:>9.1} {:>9.1} {:>10.3} {:>9.1} {:>9.1}",
@@ -144,6 +149,44 @@ fn main() -> candle_core::Result<()> {
                 ours * 1e3,
                 bytes / ours / 1e9,
                 (2 * m * n * k) as f64 / ours / 1e9,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The packed kernels on one thread against a weight that stays in L2 (768 x 512: 221 to
+/// 418 KB; many rows, so rounding the activations costs little beside the products), for 1
+/// to 16 activation rows: what the arithmetic costs without the reads, as ns
+/// per 16 x 256 block of weights and activation row, and integer multiply-adds per second.
+fn hot_kernels() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let (n, k) = (768usize, 512usize);
+    println!(
+        "{:>6} {:>5} {:>12} {:>9}",
+        "format", "m", "ns/block-row", "GMAC/s"
+    );
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+        let q = QTensor::quantize(&Tensor::randn(0f32, 0.02, (n, k), &dev)?, dtype)?;
+        let Some(packed) = Packed::new(&q)? else {
+            println!("{dtype:?}: no packed kernel on this CPU");
+            continue;
+        };
+        for m in [1usize, 2, 3, 4, 6, 8, 16] {
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)?
+                .flatten_all()?
+                .to_vec1()?;
+            let reps = 400 / m;
+            let secs = time(reps, || {
+                let y = packed.matmul(&x, m);
+                Tensor::from_vec(y, (m, n), &dev)
+            })?;
+            let block_rows = (n / 16 * k / 256 * m) as f64;
+            println!(
+                "{:>6} {m:>5} {:>12.1} {:>9.1}",
+                format!("{dtype:?}"),
+                secs / block_rows * 1e9,
+                (m * n * k) as f64 / secs / 1e9
             );
         }
     }

@@ -1,6 +1,8 @@
 //! The shared building blocks: norms, rotary embeddings, linear projections.
 
-use super::{quant_kernel, small_matmul};
+#[cfg(target_arch = "x86_64")]
+use super::quant_kernel;
+use super::small_matmul;
 use crate::config::Activation;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -55,13 +57,9 @@ impl Linear {
                 small_matmul::small_matmul_t(&xs.contiguous()?, w)
             }
             Self::Dense(w) => matmul_few_rows(xs, &w.t()?),
-            Self::Quantized { q, mm } => {
+            Self::Quantized { mm, .. } => {
                 let x = xs.to_dtype(DType::F32)?.contiguous()?;
-                let y = match quant_kernel::quantized_matmul_t(&x, q)? {
-                    Some(y) => y,
-                    None => mm.forward(&x)?,
-                };
-                y.to_dtype(xs.dtype())
+                mm.forward(&x)?.to_dtype(xs.dtype())
             }
             #[cfg(target_arch = "x86_64")]
             Self::Packed(w) => {

@@ -11,6 +11,7 @@ mod mixtral;
 pub mod moe;
 mod norm;
 mod quant;
+#[cfg(target_arch = "x86_64")]
 pub mod quant_kernel;
 mod rope_cache;
 #[cfg(target_arch = "x86_64")]

@@ -411,6 +411,43 @@ pub fn assert_paired_equals_separate<G: Group>(gate: &PackedWeight<G>, up: &Pack
     }
 }
 
+/// One kernel's `rows::<1>` to `rows::<8>`, for [`assert_rows_kernels`].
+#[cfg(test)]
+pub type RowsKernels<X, G> = [unsafe fn(&[X], &[G], &mut [f32], bool); 8];
+
+/// Test helper: a kernel called directly, so a CPU whose products take another kernel (the
+/// VNNI one) tests it too, for 1 to 8 rows (every way its passes split): each row against
+/// `want` (`xs[r]` against the run `groups`, `[8, 16]`), and row 0 alone the same as batched,
+/// bit for bit.
+///
+/// # Safety
+/// The CPU runs `kernels`; `xs` holds 8 rows, each holding the run's inputs.
+#[cfg(test)]
+pub unsafe fn assert_rows_kernels<X, G>(
+    kernels: RowsKernels<X, G>,
+    xs: &[X],
+    groups: &[G],
+    want: &[f32],
+) {
+    let run = |m: usize| {
+        let mut out = vec![0f32; m * LANES];
+        // SAFETY: as this function's contract.
+        unsafe { kernels[m - 1](&xs[..m], groups, &mut out, true) };
+        out
+    };
+    let one = run(1);
+    for m in 1..=8 {
+        let got = run(m);
+        for (i, (g, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "m {m} [{i}]: {g} vs {e}"
+            );
+        }
+        assert_eq!(got[..LANES], one[..], "m {m}: row 0 alone and batched");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::avx2_passes;

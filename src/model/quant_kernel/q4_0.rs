@@ -159,6 +159,26 @@ unsafe fn runs<const R: usize, const C: usize>(
     }
 }
 
+/// The same products in plain Rust on the same rounded activations, for tests: `[m, n]`.
+#[cfg(test)]
+pub fn scalar_products(xs: &[Row8<'_>], w: &[BlockQ4_0], n: usize) -> Vec<f32> {
+    use super::Block;
+    let kb = w.len() / n.max(1);
+    let mut out = vec![0f32; xs.len() * n];
+    for (r, x) in xs.iter().enumerate() {
+        for j in 0..n {
+            let mut acc = 0f64;
+            for (bi, b) in w[j * kb..(j + 1) * kb].iter().enumerate() {
+                for i in 0..QK {
+                    acc += b.weight(i) as f64 * x.q[bi * QK + i] as f64 * x.d[bi] as f64;
+                }
+            }
+            out[r * n + j] = acc as f32;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::as_blocks;
@@ -190,23 +210,12 @@ mod tests {
             let acts = Rows8::<QK>::new(&x, k);
             let rows = acts.rows();
             let got = packed.matmul(&x, m, 128);
-            for (r, row) in rows.iter().enumerate() {
-                for j in 0..n {
-                    let mut want = 0f64;
-                    for (bi, b) in blocks[j * (k / QK)..(j + 1) * (k / QK)].iter().enumerate() {
-                        let d = half::f16::from_le_bytes(b.d).to_f64();
-                        for i in 0..QK {
-                            let byte = b.qs[i % 16];
-                            let q = if i < 16 { byte & 0x0F } else { byte >> 4 } as f64 - 8.0;
-                            want += d * q * row.q[bi * QK + i] as f64 * row.d[bi] as f64;
-                        }
-                    }
-                    let g = got[r * n + j] as f64;
-                    assert!(
-                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "m {m} [{r}, {j}]: {g} vs {want}"
-                    );
-                }
+            let want = scalar_products(&rows, blocks, n);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "m {m} [{i}]: {g} vs {e}"
+                );
             }
             assert_eq!(packed.matmul(&x, m, 4), got, "m {m}: passes of 4");
             for i in 0..m {

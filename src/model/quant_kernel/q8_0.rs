@@ -1,9 +1,10 @@
 //! q8_0 packed for AVX-512 VNNI (see `packed.rs`; `avx2.rs` for CPUs without it): with the 16 rows of a group interleaved
 //! two weights at a time, widened to 16 bits, each `vpdpwssd` adds 32 products of 16 rows
 //! with one pair of activations broadcast, and one conversion and FMA per block apply the 16
-//! rows' scales. Same arithmetic as the unpacked kernels (activations rounded to 16 bits per
-//! block of 32, exact i32 block sums, so the q8_0 parity test's margins hold), about a third
-//! of their instructions per row, which is what several rows sharing the weights are bound by.
+//! rows' scales. Activations are rounded to 16 bits per block of 32 (see `quant_kernel.rs`),
+//! so block sums are exact i32 and the q8_0 parity test's margins hold; a third of the
+//! instructions per row of the unpacked 16-bit kernels this replaced, which is what several
+//! rows sharing the weights are bound by.
 
 use super::packed::{prefetch_next_run, Group, PackedWeight, LANES};
 use super::{BlockQ8_0, Row16, Rows16};

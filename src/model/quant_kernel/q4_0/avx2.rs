@@ -93,3 +93,43 @@ unsafe fn runs<const R: usize>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::packed::{assert_rows_kernels, avx2, Activations, RowsKernels};
+    use super::super::super::{as_blocks, rows8::Rows8};
+    use super::super::{pack, scalar_products};
+    use super::*;
+    use crate::model::test_data::data;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    /// Called directly, so CPUs whose packed products take the VNNI kernel test this one too.
+    #[test]
+    fn matches_the_scalar_products_for_every_pass_split() -> candle_core::Result<()> {
+        if !avx2() {
+            return Ok(());
+        }
+        let (n, k) = (16, 256);
+        let w = Tensor::from_vec(data(n * k, 23), (n, k), &Device::Cpu)?;
+        let bytes = QTensor::quantize(&w, GgmlDType::Q4_0)?.data()?.to_vec();
+        let packed = pack(&bytes, n, k)?;
+        let x = data(8 * k, 24);
+        let acts = Rows8::<QK>::new(&x, k);
+        let xs = acts.rows();
+        let want = scalar_products(&xs, as_blocks(&bytes)?, n);
+        let kernels: RowsKernels<Row8<'_>, Q4Group> = [
+            rows::<1> as _,
+            rows::<2> as _,
+            rows::<3> as _,
+            rows::<4> as _,
+            rows::<5> as _,
+            rows::<6> as _,
+            rows::<7> as _,
+            rows::<8> as _,
+        ];
+        // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
+        unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
+        Ok(())
+    }
+}

@@ -140,7 +140,7 @@ unsafe fn runs<const R: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::packed::Activations;
+    use super::super::super::packed::{assert_rows_kernels, Activations, RowsKernels};
     use super::super::super::rows8::Rows8;
     use super::super::{pack, scalar_products};
     use super::*;
@@ -148,9 +148,7 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    /// Called directly, so CPUs whose packed products take the VNNI kernel test this one too:
-    /// against plain Rust for every way the passes split (1 to 8 rows), a row alone the same
-    /// as in the batch.
+    /// Called directly, so CPUs whose packed products take the VNNI kernel test this one too.
     #[test]
     fn matches_the_scalar_products_for_every_pass_split() -> candle_core::Result<()> {
         if !super::super::super::packed::avx2() {
@@ -166,34 +164,18 @@ mod tests {
         let acts = Rows8::<QK_K>::new(&x, k);
         let xs = acts.rows();
         let want = scalar_products(&xs, blocks, n);
-        let run = |m: usize| {
-            let mut out = vec![0f32; m * LANES];
-            // SAFETY: AVX2, FMA and F16C (checked above); `m` rows of `k`, one run of 16 rows.
-            unsafe {
-                match m {
-                    1 => rows::<1>(&xs, &packed.groups, &mut out, true),
-                    2 => rows::<2>(&xs, &packed.groups, &mut out, true),
-                    3 => rows::<3>(&xs, &packed.groups, &mut out, true),
-                    4 => rows::<4>(&xs, &packed.groups, &mut out, true),
-                    5 => rows::<5>(&xs, &packed.groups, &mut out, true),
-                    6 => rows::<6>(&xs, &packed.groups, &mut out, true),
-                    7 => rows::<7>(&xs, &packed.groups, &mut out, true),
-                    _ => rows::<8>(&xs, &packed.groups, &mut out, true),
-                }
-            }
-            out
-        };
-        let one = run(1);
-        for m in 1..=8 {
-            let got = run(m);
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                    "m {m} [{i}]: {g} vs {e}"
-                );
-            }
-            assert_eq!(got[..LANES], one[..], "m {m}: row 0 alone and batched");
-        }
+        let kernels: RowsKernels<Row8<'_>, Q4kGroup> = [
+            rows::<1> as _,
+            rows::<2> as _,
+            rows::<3> as _,
+            rows::<4> as _,
+            rows::<5> as _,
+            rows::<6> as _,
+            rows::<7> as _,
+            rows::<8> as _,
+        ];
+        // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
+        unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
         Ok(())
     }
 }

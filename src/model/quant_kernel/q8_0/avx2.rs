@@ -79,3 +79,45 @@ unsafe fn runs<const R: usize>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::super::small_matmul::products;
+    use super::super::super::packed::{assert_rows_kernels, avx2, RowsKernels};
+    use super::super::super::{as_blocks, scalar_tile, BlockQ8_0, Rows16};
+    use super::super::pack;
+    use super::*;
+    use crate::model::test_data::data;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    /// Called directly, so CPUs whose packed products take the VNNI kernel test this one too.
+    #[test]
+    fn matches_the_scalar_products_for_every_pass_split() -> candle_core::Result<()> {
+        if !avx2() {
+            return Ok(());
+        }
+        let (n, k) = (16, 256);
+        let w = Tensor::from_vec(data(n * k, 25), (n, k), &Device::Cpu)?;
+        let bytes = QTensor::quantize(&w, GgmlDType::Q8_0)?.data()?.to_vec();
+        let packed = pack(&bytes, n, k)?;
+        let x = data(8 * k, 26);
+        let acts = Rows16::new(&x, k);
+        let xs = acts.rows();
+        let blocks = as_blocks::<BlockQ8_0>(&bytes)?;
+        let want = products(&xs, blocks, n, k / QK, k, scalar_tile::<BlockQ8_0>);
+        let kernels: RowsKernels<Row16<'_>, Q8Group> = [
+            rows::<1> as _,
+            rows::<2> as _,
+            rows::<3> as _,
+            rows::<4> as _,
+            rows::<5> as _,
+            rows::<6> as _,
+            rows::<7> as _,
+            rows::<8> as _,
+        ];
+        // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
+        unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
+        Ok(())
+    }
+}
