@@ -415,6 +415,25 @@ pub fn assert_paired_equals_separate<G: Group>(gate: &PackedWeight<G>, up: &Pack
 #[cfg(test)]
 pub type RowsKernels<X, G> = [unsafe fn(&[X], &[G], &mut [f32], bool); 8];
 
+/// A kernel's `rows::<1>` to `rows::<8>` as [`RowsKernels`] (the type given where it is used).
+#[cfg(test)]
+macro_rules! rows_kernels {
+    ($rows:ident) => {
+        [
+            $rows::<1> as _,
+            $rows::<2> as _,
+            $rows::<3> as _,
+            $rows::<4> as _,
+            $rows::<5> as _,
+            $rows::<6> as _,
+            $rows::<7> as _,
+            $rows::<8> as _,
+        ]
+    };
+}
+#[cfg(test)]
+pub(crate) use rows_kernels;
+
 /// Test helper: a kernel called directly, so a CPU whose products take another kernel (the
 /// VNNI one) tests it too, for 1 to 8 rows (every way its passes split): each row against
 /// `want` (`xs[r]` against the run `groups`, `[8, 16]`), and row 0 alone the same as batched,

@@ -96,7 +96,9 @@ unsafe fn runs<const R: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::packed::{assert_rows_kernels, avx2, Activations, RowsKernels};
+    use super::super::super::packed::{
+        assert_rows_kernels, avx2, rows_kernels, Activations, RowsKernels,
+    };
     use super::super::super::{as_blocks, rows8::Rows8};
     use super::super::{pack, scalar_products};
     use super::*;
@@ -118,16 +120,7 @@ mod tests {
         let acts = Rows8::<QK>::new(&x, k);
         let xs = acts.rows();
         let want = scalar_products(&xs, as_blocks(&bytes)?, n);
-        let kernels: RowsKernels<Row8<'_>, Q4Group> = [
-            rows::<1> as _,
-            rows::<2> as _,
-            rows::<3> as _,
-            rows::<4> as _,
-            rows::<5> as _,
-            rows::<6> as _,
-            rows::<7> as _,
-            rows::<8> as _,
-        ];
+        let kernels: RowsKernels<Row8<'_>, Q4Group> = rows_kernels!(rows);
         // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
         unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
         Ok(())

@@ -83,7 +83,7 @@ unsafe fn runs<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::super::super::super::small_matmul::products;
-    use super::super::super::packed::{assert_rows_kernels, avx2, RowsKernels};
+    use super::super::super::packed::{assert_rows_kernels, avx2, rows_kernels, RowsKernels};
     use super::super::super::{as_blocks, scalar_tile, BlockQ8_0, Rows16};
     use super::super::pack;
     use super::*;
@@ -106,16 +106,7 @@ mod tests {
         let xs = acts.rows();
         let blocks = as_blocks::<BlockQ8_0>(&bytes)?;
         let want = products(&xs, blocks, n, k / QK, k, scalar_tile::<BlockQ8_0>);
-        let kernels: RowsKernels<Row16<'_>, Q8Group> = [
-            rows::<1> as _,
-            rows::<2> as _,
-            rows::<3> as _,
-            rows::<4> as _,
-            rows::<5> as _,
-            rows::<6> as _,
-            rows::<7> as _,
-            rows::<8> as _,
-        ];
+        let kernels: RowsKernels<Row16<'_>, Q8Group> = rows_kernels!(rows);
         // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
         unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
         Ok(())
