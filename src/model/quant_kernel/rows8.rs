@@ -2,8 +2,8 @@
 //! weights by signed 8-bit activations): one scale per block of `B` values, as GGML rounds
 //! them for its 4-bit formats.
 
-use super::block_scale;
 use super::packed::Activations;
+use super::{block_scale, round_avx2};
 use std::arch::x86_64::*;
 
 /// Activations rounded to 8 bits per block of `B` values (GGML's `q8_K` for `B` = 256, its
@@ -132,11 +132,30 @@ impl<const B: usize> Rows8<B> {
         }
     }
 
-    /// Compiled for AVX2, where rounding is one instruction (a libm call per value without);
-    /// IEEE rounding makes both the same.
+    /// [`Rows8::fill`] 8 values at a time: the same operations, so the same values.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn fill_avx2(&mut self, x: &[f32]) {
-        self.fill(x)
+        let blocks = x.chunks_exact(B).zip(self.q.chunks_exact_mut(B));
+        let rest = self.d.iter_mut().zip(self.sums.chunks_exact_mut(B / 32));
+        for ((block, q), (d, sums)) in blocks.zip(rest) {
+            let (amax, finite) = round_avx2::amax(block);
+            let (scale, inv) = block_scale(amax, finite, 127.0);
+            *d = scale;
+            if !finite {
+                // The scalar code's values: x * 0 is 0, or NaN, which converts to 0.
+                q.fill(0);
+                sums.fill(0);
+                continue;
+            }
+            for (j, sum) in sums.iter_mut().enumerate() {
+                let v = round_avx2::round32(block[32 * j..].as_ptr(), inv, 127.0);
+                _mm256_storeu_si256(
+                    q[32 * j..].as_mut_ptr() as *mut __m256i,
+                    round_avx2::to_i8(v),
+                );
+                *sum = round_avx2::sum(v) as i16;
+            }
+        }
     }
 
     #[inline(always)]
@@ -163,8 +182,8 @@ mod tests {
     use super::*;
     use crate::model::test_data::data;
 
-    /// The AVX-512 rounding gives the scalar code's values, on ordinary, zero, tiny, huge and
-    /// non-finite super-blocks.
+    /// The AVX-512 and AVX2 roundings (those the CPU has) give the scalar code's values, on
+    /// ordinary, zero, tiny, huge and non-finite super-blocks.
     #[test]
     fn simd_rounding_of_activations_matches_the_scalar_one() {
         check::<256>();
@@ -172,28 +191,39 @@ mod tests {
     }
 
     fn check<const B: usize>() {
-        if !super::super::avx512::available() {
-            return;
-        }
         let mut x = data(B * 6, 13);
         x[B..2 * B].fill(0.0);
         x[2 * B..3 * B].iter_mut().for_each(|v| *v *= 1e-37);
         x[3 * B..4 * B].iter_mut().for_each(|v| *v *= 3e38);
         x[4 * B + 7] = f32::NEG_INFINITY;
         x[5 * B + B / 2] = f32::NAN;
+        x[5 * B - 3] = -0.0;
         let empty = || Rows8::<B> {
             k: x.len(),
             q: vec![0; x.len()],
             d: vec![0.0; x.len() / B],
             sums: vec![0; x.len() / 32],
         };
-        let (mut scalar, mut simd) = (empty(), empty());
+        let mut scalar = empty();
         scalar.fill(&x);
-        // SAFETY: `available()` implies AVX-512 F and BW.
-        unsafe { simd.fill_avx512(&x) };
-        assert_eq!(simd.q, scalar.q);
-        assert_eq!(simd.sums, scalar.sums);
+        let mut simd = Vec::new();
+        if super::super::avx512::available() {
+            let mut r = empty();
+            // SAFETY: `available()` implies AVX-512 F and BW.
+            unsafe { r.fill_avx512(&x) };
+            simd.push(("avx512", r));
+        }
+        if super::super::super::small_matmul::has_simd() {
+            let mut r = empty();
+            // SAFETY: `has_simd()` implies AVX2 and FMA.
+            unsafe { r.fill_avx2(&x) };
+            simd.push(("avx2", r));
+        }
         let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&simd.d), bits(&scalar.d));
+        for (name, r) in simd {
+            assert_eq!(r.q, scalar.q, "{name} B {B}");
+            assert_eq!(r.sums, scalar.sums, "{name} B {B}");
+            assert_eq!(bits(&r.d), bits(&scalar.d), "{name} B {B}");
+        }
     }
 }
