@@ -1,4 +1,4 @@
-//! Integer kernels for GGML-quantized weights on the CPU.
+//! Integer kernels for GGML-quantized weights on x86 CPUs (the module is x86-only).
 //!
 //! On x86 CPUs with AVX-512 VNNI or AVX2 every format is packed on load for the kernels in
 //! `packed.rs` and its neighbours ([`Packed`]; each format's `avx2.rs` for CPUs without
@@ -17,7 +17,6 @@
 //! The 4-bit formats' packed kernels round activations to 8 bits as GGML does (their error
 //! is small next to 4-bit weights'); q8_0's keeps them at 16 bits.
 
-#[cfg(target_arch = "x86_64")]
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, Result};
 use half::f16;
@@ -157,6 +156,9 @@ mod round_avx2 {
     }
 
     /// Four vectors of i32 (each within i16) as 32 i16, in order.
+    ///
+    /// # Safety
+    /// AVX2.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn to_i16(v: [__m256i; 4]) -> [__m256i; 2] {
@@ -166,6 +168,9 @@ mod round_avx2 {
     }
 
     /// Four vectors of i32 (each within i8) as 32 i8, in order.
+    ///
+    /// # Safety
+    /// AVX2.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn to_i8(v: [__m256i; 4]) -> __m256i {
@@ -178,6 +183,9 @@ mod round_avx2 {
     }
 
     /// The sum of four vectors' 32 i32.
+    ///
+    /// # Safety
+    /// AVX2.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sum(v: [__m256i; 4]) -> i32 {
@@ -205,7 +213,6 @@ pub struct Row16<'a> {
     d: &'a [f32],
 }
 
-#[cfg(target_arch = "x86_64")]
 impl packed::Activations for Rows16 {
     type Row<'a> = Row16<'a>;
 
@@ -227,13 +234,11 @@ impl Rows16 {
             q: vec![0; blocks * 32],
             d: vec![0.0; blocks],
         };
-        #[cfg(target_arch = "x86_64")]
         if avx512::available() {
             // SAFETY: the CPU has AVX-512 F and BW.
             unsafe { avx512::fill16(x, &mut rows.q, &mut rows.d) };
             return rows;
         }
-        #[cfg(target_arch = "x86_64")]
         if super::small_matmul::has_simd() {
             // SAFETY: the CPU has AVX2 and FMA.
             unsafe { rows.fill_avx2(x) };
@@ -312,28 +317,20 @@ fn scalar_tile<B: Block>(xs: &[Row16<'_>], ws: &[&[B]], out: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 mod avx512;
-#[cfg(target_arch = "x86_64")]
 mod packed;
-#[cfg(target_arch = "x86_64")]
 mod q4_0;
-#[cfg(target_arch = "x86_64")]
 pub mod q4k;
-#[cfg(target_arch = "x86_64")]
 mod q8_0;
-#[cfg(target_arch = "x86_64")]
 mod rows8;
 
 /// A quantized weight packed on load for this CPU's VNNI or AVX2 kernels (see `packed.rs`).
-#[cfg(target_arch = "x86_64")]
 pub enum Packed {
     Q4K(q4k::PackedQ4K),
     Q8_0(q8_0::PackedQ8_0),
     Q4_0(q4_0::PackedQ4_0),
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Packed {
     /// `q` packed, or `None` where the CPU or the format has no packed kernel (candle's
     /// quantized matmul then takes it).
