@@ -131,7 +131,7 @@ fn main() -> candle_core::Result<()> {
                 Some(p) => p,
                 None => {
                     println!("{dtype:?}: no packed kernel on this CPU (candle's runs)");
-                    continue;
+                    break;
                 }
             };
             let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
