@@ -20,13 +20,18 @@ pub fn vnni() -> bool {
 }
 
 /// The passes an AVX2 kernel makes over a run for `rows` activation rows, at most `max` (what
-/// its 16 registers hold) each, as (first row, rows): four rows go as 2 + 2 rather than
-/// 3 + 1, a lone row's pass being the dearest. Only the first pass prefetches.
+/// its 16 registers hold) each, as (first row, rows): one row more than `max` goes as two
+/// passes of two or more (with 3: 2 + 2; with 4: 3 + 2) rather than leaving a row alone, a
+/// lone row's pass being the dearest. Only the first pass prefetches.
 pub fn avx2_passes(rows: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
     let mut done = 0;
     std::iter::from_fn(move || {
         let left = rows - done;
-        let take = if left == 4 { 2 } else { left.min(max) };
+        let take = if left == max + 1 && max >= 3 {
+            left - 2
+        } else {
+            left.min(max)
+        };
         let pass = (done, take);
         done += take;
         (take > 0).then_some(pass)
@@ -472,7 +477,7 @@ mod tests {
     use super::avx2_passes;
 
     #[test]
-    fn avx2_passes_cover_the_rows_and_never_leave_a_lone_row_after_three() {
+    fn avx2_passes_cover_the_rows_and_never_leave_a_lone_row_after_a_full_pass() {
         let split = |r, max| avx2_passes(r, max).collect::<Vec<_>>();
         assert_eq!(split(0, 3), vec![]);
         assert_eq!(split(1, 3), vec![(0, 1)]);
@@ -480,5 +485,9 @@ mod tests {
         assert_eq!(split(7, 3), vec![(0, 3), (3, 2), (5, 2)]);
         assert_eq!(split(8, 3), vec![(0, 3), (3, 3), (6, 2)]);
         assert_eq!(split(5, 2), vec![(0, 2), (2, 2), (4, 1)]);
+        assert_eq!(split(4, 4), vec![(0, 4)]);
+        assert_eq!(split(5, 4), vec![(0, 3), (3, 2)]);
+        assert_eq!(split(7, 4), vec![(0, 4), (4, 3)]);
+        assert_eq!(split(9, 4), vec![(0, 4), (4, 3), (7, 2)]);
     }
 }
