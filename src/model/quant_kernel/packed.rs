@@ -38,6 +38,78 @@ pub fn avx2_passes(rows: usize, max: usize) -> impl Iterator<Item = (usize, usiz
     })
 }
 
+/// An AVX2 pass's float sums, two 8-lane halves a row (`out[r * 16 + lane]` at the end): in
+/// registers, or, where the pass's integer sums take the registers (`in_out`), in `out`
+/// itself, zeroed first and added to in place.
+pub struct Avx2Sums<const R: usize> {
+    regs: [[std::arch::x86_64::__m256; 2]; R],
+    out: *mut f32,
+    in_out: bool,
+}
+
+impl<const R: usize> Avx2Sums<R> {
+    /// # Safety
+    /// AVX2; `out` holds `R` rows of 16 and outlives the sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn new(out: &mut [f32], in_out: bool) -> Self {
+        use std::arch::x86_64::*;
+        debug_assert!(out.len() >= R * LANES);
+        let out = out.as_mut_ptr();
+        if in_out {
+            for r in 0..R {
+                _mm256_storeu_ps(out.add(r * LANES), _mm256_setzero_ps());
+                _mm256_storeu_ps(out.add(r * LANES + LANES / 2), _mm256_setzero_ps());
+            }
+        }
+        Self {
+            regs: [[_mm256_setzero_ps(); 2]; R],
+            out,
+            in_out,
+        }
+    }
+
+    /// Row `r`'s half `h` += `a * b`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `r < R`, `h < 2`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fmadd(
+        &mut self,
+        r: usize,
+        h: usize,
+        a: std::arch::x86_64::__m256,
+        b: std::arch::x86_64::__m256,
+    ) {
+        use std::arch::x86_64::*;
+        if self.in_out {
+            let at = self.out.add(r * LANES + LANES / 2 * h);
+            _mm256_storeu_ps(at, _mm256_fmadd_ps(a, b, _mm256_loadu_ps(at)));
+        } else {
+            self.regs[r][h] = _mm256_fmadd_ps(a, b, self.regs[r][h]);
+        }
+    }
+
+    /// Writes the sums held in registers to `out`.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn finish(self) {
+        use std::arch::x86_64::*;
+        if self.in_out {
+            return;
+        }
+        for (r, halves) in self.regs.iter().enumerate() {
+            for (h, v) in halves.iter().enumerate() {
+                _mm256_storeu_ps(self.out.add(r * LANES + LANES / 2 * h), *v);
+            }
+        }
+    }
+}
+
 /// Whether the CPU has what the AVX2 kernels (for CPUs without VNNI) need: AVX2, FMA, F16C.
 pub fn avx2() -> bool {
     super::super::small_matmul::has_simd()

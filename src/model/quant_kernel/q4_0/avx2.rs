@@ -4,7 +4,7 @@
 //! halves), so one `vpmaddwd` per block widens them; the offset of 8 and the float scales
 //! are taken as the VNNI kernel takes them, in a fixed order per row.
 
-use super::super::packed::{avx2_passes, prefetch_next_run, LANES};
+use super::super::packed::{avx2_passes, prefetch_next_run, Avx2Sums, LANES};
 use super::super::rows8::{Row8, RowPtrs};
 use super::{Q4Group, QK};
 use std::arch::x86_64::*;
@@ -41,6 +41,7 @@ pub unsafe fn rows<const R: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `h` indexes the sums and the group's halves
 unsafe fn runs<const R: usize>(
     xs: &[Row8<'_>],
     groups: &[Q4Group],
@@ -54,15 +55,8 @@ unsafe fn runs<const R: usize>(
     } = RowPtrs::<R>::new(xs);
     let nibble = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     // Past two rows the float sums live in `out` (the registers hold the integer ones).
-    let o = out.as_mut_ptr();
-    if R > 2 {
-        for r in 0..R {
-            _mm256_storeu_ps(o.add(r * LANES), _mm256_setzero_ps());
-            _mm256_storeu_ps(o.add(r * LANES + HALF), _mm256_setzero_ps());
-        }
-    }
+    let mut acc = Avx2Sums::<R>::new(out, R > 2);
     let len = groups.len();
     for (bi, g) in groups.iter().enumerate() {
         if prefetch {
@@ -77,24 +71,11 @@ unsafe fn runs<const R: usize>(
                 let offset = _mm256_set1_epi32(8 * *xsum[r].add(bi) as i32);
                 let sum = _mm256_sub_epi32(_mm256_madd_epi16(s[r][h], ones), offset);
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(*xd[r].add(bi)));
-                if R > 2 {
-                    let at = o.add(r * LANES + HALF * h);
-                    let a = _mm256_loadu_ps(at);
-                    _mm256_storeu_ps(at, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, a));
-                } else {
-                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[r][h]);
-                }
+                acc.fmadd(r, h, _mm256_cvtepi32_ps(sum), scale);
             }
         }
     }
-    if R > 2 {
-        return;
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        for (h, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out[r * LANES + HALF * h..].as_mut_ptr(), *a);
-        }
-    }
+    acc.finish();
 }
 
 /// The weight vectors of step `$g` (`$o` = 64 `$g`): both halves' low and high nibbles.

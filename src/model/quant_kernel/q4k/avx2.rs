@@ -6,7 +6,7 @@
 //! scale. The integer sums are GGML's, and each row's float tail runs in a fixed order, so a
 //! row's result is the same alone or batched.
 
-use super::super::packed::{avx2_passes, LANES};
+use super::super::packed::{avx2_passes, Avx2Sums, LANES};
 use super::super::rows8::{Row8, RowPtrs};
 use super::{Q4kGroup, QK_K};
 use std::arch::x86_64::*;
@@ -65,11 +65,8 @@ unsafe fn runs<const R: usize>(
             _mm256_set1_epi32(std::ptr::read_unaligned($p as *const i32))
         };
     }
-    let o = out.as_mut_ptr();
-    for r in 0..R {
-        _mm256_storeu_ps(o.add(r * LANES), _mm256_setzero_ps());
-        _mm256_storeu_ps(o.add(r * LANES + HALF), _mm256_setzero_ps());
-    }
+    // The float sums live in `out`: the registers hold the sub-blocks' integer ones.
+    let mut acc = Avx2Sums::<R>::new(out, true);
     for (bi, g) in groups.iter().enumerate() {
         let mut isum = [[_mm256_setzero_si256(); 2]; R];
         for p in 0..4 {
@@ -118,12 +115,11 @@ unsafe fn runs<const R: usize>(
             for r in 0..R {
                 let f = _mm256_mul_ps(_mm256_cvtepi32_ps(isum[r][h]), d);
                 let f = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum[r]), dmin, f);
-                let at = o.add(r * LANES + HALF * h);
-                let a = _mm256_loadu_ps(at);
-                _mm256_storeu_ps(at, _mm256_fmadd_ps(f, _mm256_set1_ps(*xd[r].add(bi)), a));
+                acc.fmadd(r, h, f, _mm256_set1_ps(*xd[r].add(bi)));
             }
         }
     }
+    acc.finish();
 }
 
 /// The weight vectors of one step from the low nibbles of the bytes at offsets `$o`, `$o2`.

@@ -3,7 +3,7 @@
 //! and an add in place of `vpdpwssd`. The same exact i32 block sums (32 products of at most
 //! 128 x 32,767) and the same float tail per row, in a fixed order.
 
-use super::super::packed::{avx2_passes, prefetch_next_run, LANES};
+use super::super::packed::{avx2_passes, prefetch_next_run, Avx2Sums, LANES};
 use super::super::Row16;
 use super::{Q8Group, QK};
 use std::arch::x86_64::*;
@@ -37,6 +37,7 @@ pub unsafe fn rows<const R: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // `h` indexes the sums and the group's halves
 unsafe fn runs<const R: usize>(
     xs: &[Row16<'_>],
     groups: &[Q8Group],
@@ -49,15 +50,8 @@ unsafe fn runs<const R: usize>(
         xq[r] = x.q.as_ptr();
         xd[r] = x.d.as_ptr();
     }
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    // Four rows keep their float sums in `out`, which is zeroed first.
-    let o = out.as_mut_ptr();
-    if R > 3 {
-        for r in 0..R {
-            _mm256_storeu_ps(o.add(r * LANES), _mm256_setzero_ps());
-            _mm256_storeu_ps(o.add(r * LANES + HALF), _mm256_setzero_ps());
-        }
-    }
+    // Four rows keep their float sums in `out`.
+    let mut acc = Avx2Sums::<R>::new(out, R > 3);
     for (bi, g) in groups.iter().enumerate() {
         if prefetch {
             prefetch_next_run(g, groups.len());
@@ -81,24 +75,11 @@ unsafe fn runs<const R: usize>(
             let d = _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr().add(HALF * h) as *const __m128i));
             for r in 0..R {
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(*xd[r].add(bi)));
-                if R > 3 {
-                    let at = o.add(r * LANES + HALF * h);
-                    let a = _mm256_loadu_ps(at);
-                    _mm256_storeu_ps(at, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][h]), scale, a));
-                } else {
-                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][h]), scale, acc[r][h]);
-                }
+                acc.fmadd(r, h, _mm256_cvtepi32_ps(s[r][h]), scale);
             }
         }
     }
-    if R > 3 {
-        return;
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        for (h, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out[r * LANES + HALF * h..].as_mut_ptr(), *a);
-        }
-    }
+    acc.finish();
 }
 
 #[cfg(test)]
