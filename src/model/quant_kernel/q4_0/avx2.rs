@@ -1,8 +1,9 @@
 //! [`Q4Group`]'s products on CPUs with AVX2 but not AVX-512 VNNI: the same packed layout read
 //! as two 8-lane halves, `vpmaddubsw` in place of `vpdpbusd`. A block's 16-bit pair sums stay
 //! exact through all its 32 products (at most 32 x 15 x 127 = 60,960 over two 16-bit
-//! halves), so one `vpmaddwd` per block widens them; the offset of 8 and the float scales
-//! are taken as the VNNI kernel takes them, in a fixed order per row.
+//! halves), so one `vpmaddwd` per block widens them; the offset of 8 is folded into where
+//! the sums start ([`group`]), the float scales are taken as the VNNI kernel takes them, in a
+//! fixed order per row.
 
 use super::super::packed::{avx2_passes, prefetch_next_run, Avx2Sums, LANES};
 use super::super::rows8::{Row8, RowPtrs};
@@ -63,13 +64,14 @@ unsafe fn runs<const R: usize>(
             prefetch_next_run(g, len);
         }
         let x: [*const i8; R] = std::array::from_fn(|r| xq[r].add(bi * QK));
-        let s = group::<R>(g.w.as_ptr() as *const u8, x, nibble);
+        // Weights are stored 8 above their value: each lane's two 16-bit sums start from -4 x
+        // the block's activation sum, so that theirs is the block's exact sum.
+        let start: [__m256i; R] = std::array::from_fn(|r| _mm256_set1_epi16(-4 * *xsum[r].add(bi)));
+        let s = group::<R>(g.w.as_ptr() as *const u8, x, nibble, start);
         for h in 0..2 {
             let d = _mm256_cvtph_ps(_mm_loadu_si128(g.d.as_ptr().add(HALF * h) as *const __m128i));
             for r in 0..R {
-                // Weights are stored 8 above their value: take 8 x the block's activation sum.
-                let offset = _mm256_set1_epi32(8 * *xsum[r].add(bi) as i32);
-                let sum = _mm256_sub_epi32(_mm256_madd_epi16(s[r][h], ones), offset);
+                let sum = _mm256_madd_epi16(s[r][h], ones);
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(*xd[r].add(bi)));
                 acc.fmadd(r, h, _mm256_cvtepi32_ps(sum), scale);
             }
@@ -157,11 +159,13 @@ macro_rules! steps {
     };
 }
 
-/// One group's 16-bit sums for `R` (1 to 4) rows: the 256 weight bytes at `w` against the
-/// 32 activations at each `x[r]`. The low and high nibbles' products go into the sums one
-/// at a time (the same integers as adding each pair first: no partial sum can pass the
-/// whole's bound, 32 x 15 x 127). In assembly because four rows take all 16 registers,
-/// which the compiler spilled.
+/// One group's 16-bit sums for `R` (1 to 4) rows, each lane's two from `start[r]`: the 256
+/// weight bytes at `w` against the 32 activations at each `x[r]`. The low and high nibbles'
+/// products go into the sums one at a time. With `start` -4 x the block's activation sum
+/// (at most 4 x 32 x 127), a lane's final 16-bit sums are each 16 products of a weight in
+/// 0..16 and an activation, less 4 x the 32 activations: within 11 x 16 x 127 + 4 x 16 x 127
+/// = 30,480 of 0, and so is every partial sum (the start and some of the products). In
+/// assembly because four rows take all 16 registers, which the compiler spilled.
 ///
 /// # Safety
 /// AVX2; `w` holds 256 bytes; each `x[r]` holds 32 activations.
@@ -171,9 +175,10 @@ unsafe fn group<const R: usize>(
     w: *const u8,
     x: [*const i8; R],
     nib: __m256i,
+    start: [__m256i; R],
 ) -> [[__m256i; 2]; R] {
     use std::arch::asm;
-    let mut s = [[_mm256_setzero_si256(); 2]; R];
+    let mut s: [[__m256i; 2]; R] = std::array::from_fn(|r| [start[r]; 2]);
     macro_rules! run {
         ([$($rows:tt)*], $($ops:tt)*) => {
             asm!(
@@ -234,6 +239,41 @@ mod tests {
         let kernels: RowsKernels<Row8<'_>, Q4Group> = rows_kernels!(rows);
         // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
         unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
+        Ok(())
+    }
+
+    /// The 16-bit sums' bound at its extremes: per lane, the inputs of one 16-bit sum at
+    /// +-127 with weight 15, the other sum's at the opposite sign (each sum ends at +-30,480).
+    #[test]
+    fn extreme_blocks_stay_exact() -> candle_core::Result<()> {
+        if !avx2() {
+            return Ok(());
+        }
+        let (n, k) = (16, 32);
+        // Inputs 4j and 4j + 1 (low nibbles j < 16, high nibbles 16 on) feed a lane's first
+        // 16-bit sum, 4j + 2 and 4j + 3 its second.
+        let first = |i: usize| i % 4 < 2;
+        let mut bytes = Vec::new();
+        for row in 0..n {
+            // f16 1.0, then 16 bytes of two nibbles: weight 15 (value 7) where the row's
+            // sum is pushed, 0 (value -8) elsewhere.
+            bytes.extend_from_slice(&half::f16::ONE.to_le_bytes());
+            let q = |i: usize| if first(i) == (row % 2 == 0) { 15u8 } else { 0 };
+            bytes.extend((0..16).map(|j| q(j) | (q(j + 16) << 4)));
+        }
+        let packed = pack(&bytes, n, k)?;
+        let blocks = as_blocks(&bytes)?;
+        for sign in [1f32, -1.0] {
+            let x: Vec<f32> = (0..8 * k)
+                .map(|i| if first(i % k) { sign } else { -sign })
+                .collect();
+            let acts = Rows8::<QK>::new(&x, k);
+            let xs = acts.rows();
+            let want = scalar_products(&xs, blocks, n);
+            let kernels: RowsKernels<Row8<'_>, Q4Group> = rows_kernels!(rows);
+            // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
+            unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
+        }
         Ok(())
     }
 }
