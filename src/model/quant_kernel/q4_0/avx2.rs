@@ -231,13 +231,18 @@ mod tests {
         let (n, k) = (16, 256);
         let w = Tensor::from_vec(data(n * k, 23), (n, k), &Device::Cpu)?;
         let bytes = QTensor::quantize(&w, GgmlDType::Q4_0)?.data()?.to_vec();
-        let packed = pack(&bytes, n, k)?;
-        let x = data(8 * k, 24);
-        let acts = Rows8::<QK>::new(&x, k);
+        assert_matches_scalar(&bytes, &data(8 * k, 24), k)
+    }
+
+    /// The kernel's every pass split against [`scalar_products`]: `bytes` one run of 16 rows
+    /// of `k` weights, `x` 8 activation rows. Only where the CPU has AVX2, FMA and F16C.
+    fn assert_matches_scalar(bytes: &[u8], x: &[f32], k: usize) -> candle_core::Result<()> {
+        let packed = pack(bytes, 16, k)?;
+        let acts = Rows8::<QK>::new(x, k);
         let xs = acts.rows();
-        let want = scalar_products(&xs, as_blocks(&bytes)?, n);
+        let want = scalar_products(&xs, as_blocks(bytes)?, 16);
         let kernels: RowsKernels<Row8<'_>, Q4Group> = rows_kernels!(rows);
-        // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
+        // SAFETY: the callers check AVX2, FMA and F16C; 8 rows of `k`, one run of 16 rows.
         unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
         Ok(())
     }
@@ -261,18 +266,11 @@ mod tests {
             let q = |i: usize| if first(i) == (row % 2 == 0) { 15u8 } else { 0 };
             bytes.extend((0..16).map(|j| q(j) | (q(j + 16) << 4)));
         }
-        let packed = pack(&bytes, n, k)?;
-        let blocks = as_blocks(&bytes)?;
         for sign in [1f32, -1.0] {
             let x: Vec<f32> = (0..8 * k)
                 .map(|i| if first(i % k) { sign } else { -sign })
                 .collect();
-            let acts = Rows8::<QK>::new(&x, k);
-            let xs = acts.rows();
-            let want = scalar_products(&xs, blocks, n);
-            let kernels: RowsKernels<Row8<'_>, Q4Group> = rows_kernels!(rows);
-            // SAFETY: AVX2, FMA and F16C (checked above); 8 rows of `k`, one run of 16 rows.
-            unsafe { assert_rows_kernels(kernels, &xs, &packed.groups, &want) };
+            assert_matches_scalar(&bytes, &x, k)?;
         }
         Ok(())
     }
