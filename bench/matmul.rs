@@ -7,6 +7,10 @@
 //! `cargo bench --bench matmul -- moe` times whole MoE layers, one token against sixteen.
 //! `cargo bench --bench matmul -- hot` times the packed kernels on one thread with the weight
 //! in L2, so arithmetic alone: ns per 16 x 256 block of weights and activation row.
+//! `cargo bench --bench matmul -- overlap` times one expert-sized packed product of 4 rows,
+//! call by call, on one weight that stays in the L3 and on 40 copies streamed from memory,
+//! on one thread and on the pool: whether the reads hide behind the arithmetic, and how the
+//! core's speed moves from call to call.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
@@ -96,6 +100,9 @@ fn main() -> candle_core::Result<()> {
             .build()
             .map_err(candle_core::Error::wrap)?;
         pool.install(hot_kernels)?;
+    }
+    if only.iter().any(|o| o == "overlap") {
+        overlap()?;
     }
     if only.iter().any(|o| o == "moe") {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -188,6 +195,80 @@ fn hot_kernels() -> candle_core::Result<()> {
                 secs / block_rows * 1e9,
                 (m * n * k) as f64 / secs / 1e9
             );
+        }
+    }
+    Ok(())
+}
+
+/// Per-call times (us) of `f`, called for about `secs` seconds, sorted.
+fn call_times(secs: f64, mut f: impl FnMut()) -> Vec<f64> {
+    let (start, mut times) = (Instant::now(), Vec::new());
+    while start.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+/// A `[3584, 1024]` packed product of 4 rows (an expert's gate at 16 sequences), for each
+/// format: one weight over and over (it stays in the L3) against 40 copies in turn (streamed
+/// from memory), on one thread and on all of them. Per call: min, 10th, 50th and 90th
+/// percentile, and the weight bytes a second at the 10th. Streamed close to resident: the
+/// reads hide behind the arithmetic. Min far below the median: the core's own speed moved
+/// while the product ran.
+fn overlap() -> candle_core::Result<()> {
+    let (dev, (n, k), m, copies) = (Device::Cpu, (3584usize, 1024usize), 4usize, 40usize);
+    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)?
+        .flatten_all()?
+        .to_vec1()?;
+    println!(
+        "{:>6} {:>7} {:>9} {:>7} {:>7} {:>7} {:>7} {:>11}",
+        "format", "threads", "weights", "min us", "p10", "p50", "p90", "GB/s at p10"
+    );
+    let all = rayon::current_num_threads();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q4_0] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let q = QTensor::quantize(&w, dtype)?;
+        let bytes = q.storage_size_in_bytes() as f64;
+        let mut ws = Vec::with_capacity(copies);
+        for _ in 0..copies {
+            match Packed::new(&q)? {
+                Some(p) => ws.push(p),
+                None => break,
+            }
+        }
+        if ws.len() < copies {
+            println!("{dtype:?}: no packed kernel on this CPU");
+            continue;
+        }
+        for threads in [1, all] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(candle_core::Error::wrap)?;
+            for streamed in [false, true] {
+                let mut i = 0;
+                let times = pool.install(|| {
+                    call_times(2.0, || {
+                        i = (i + 1) % copies;
+                        let w = if streamed { &ws[i] } else { &ws[0] };
+                        std::hint::black_box(w.matmul(&x, m));
+                    })
+                });
+                let at = |f: f64| times[((times.len() - 1) as f64 * f) as usize];
+                println!(
+                    "{:>6} {threads:>7} {:>9} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>11.1}",
+                    format!("{dtype:?}"),
+                    if streamed { "streamed" } else { "resident" },
+                    at(0.0),
+                    at(0.1),
+                    at(0.5),
+                    at(0.9),
+                    bytes / at(0.1) / 1e3
+                );
+            }
         }
     }
     Ok(())
