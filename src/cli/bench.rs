@@ -160,13 +160,6 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     } else {
         args.dtype.clone()
     };
-    let mut peaks = Vec::new();
-    for &dtype_arg in &dtypes {
-        // `auto` may resolve otherwise once the checkpoint is read: then measured again below.
-        let dtype = select_dtype(dtype_arg, None, &device);
-        matmul_peak_of(&mut peaks, dtype, args.matmul_size, &device)?;
-    }
-
     let mut prompt_seed = 0u64;
     let mut header_done = false;
     // Each dtype as loaded, then each quantized format with f32 activations.
@@ -191,7 +184,16 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             header_done = true;
         }
         let dtype = model.dtype();
-        let matmul_peak = matmul_peak_of(&mut peaks, dtype, args.matmul_size, &device)?;
+        // Measured again for each configuration, as the bandwidth is: on a shared VM the
+        // cores' speed drifts too (one run read 168 and 121 GFLOP/s an hour apart), and the
+        // prefill's fraction should be of the peak of its own minutes.
+        let matmul_peak = matmul_peak(args.matmul_size, dtype, &device)?;
+        println!(
+            "matmul peak: {:.1} GFLOP/s ({n}x{n} by {n}x{n}, {}, best of 5, before this configuration)",
+            matmul_peak / 1e9,
+            dtype.as_str(),
+            n = args.matmul_size
+        );
         let cfg = model.config().clone();
         let mut config = args.engine.config(&model)?;
         let kv_dtype = config.kv_cache_dtype.unwrap_or(dtype);
@@ -571,26 +573,6 @@ fn prefill_flops(cfg: &MoeConfig, tokens: usize) -> f64 {
     cfg.num_layers as f64 * (tokens as f64 * per_token + attention) + lm_head
 }
 
-/// The matmul peak in `dtype` (FLOP/s), measured and printed the first time it is asked for.
-fn matmul_peak_of(
-    peaks: &mut Vec<(DType, f64)>,
-    dtype: DType,
-    n: usize,
-    device: &Device,
-) -> Result<f64> {
-    if let Some(&(_, peak)) = peaks.iter().find(|(d, _)| *d == dtype) {
-        return Ok(peak);
-    }
-    let peak = matmul_peak(n, dtype, device)?;
-    println!(
-        "matmul peak: {:.1} GFLOP/s ({n}x{n} by {n}x{n}, {}, best of 5)",
-        peak / 1e9,
-        dtype.as_str()
-    );
-    peaks.push((dtype, peak));
-    Ok(peak)
-}
-
 /// FLOP/s of an `n`×`n` by `n`×`n` matrix product in `dtype`, best of five after a warm-up.
 fn matmul_peak(n: usize, dtype: DType, device: &Device) -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
@@ -685,7 +667,7 @@ fn print_header(
         "prefill: one {}-token prompt, max_tokens 1 (prefill tok/s = prompt / its TTFT); {:.2} \
          GFLOP = per token 2 x (q,k,v,o + router + {} experts x 3 projections) + causal \
          attention (2 x 2 x query x keys x heads x head_dim) + the LM head of the last position \
-         only; GFLOP/s = GFLOP / TTFT, against the matmul peak of its dtype",
+         only; GFLOP/s = GFLOP / TTFT, against the matmul peak of its dtype measured before the configuration",
         args.prompt_tokens,
         prefill_flops(cfg, args.prompt_tokens) / 1e9,
         cfg.experts_per_token
