@@ -126,6 +126,8 @@ struct Row {
     peak_rss_mb: Option<f64>,
     /// Decode tok/s of every round, in order (the row is the median one's).
     rounds_tok_s: Vec<f64>,
+    /// 10th and 50th percentile of the decode steps' durations (s) while all N decode.
+    step_s: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -244,6 +246,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                     matmul_peak_gflop_s: matmul_peak / 1e9,
                     ttft_s: s.mean_ttft_s,
                     decode_tok_s: s.decode_tok_s,
+                    step_s: s.step_s,
                     roofline_tok_s: c as f64 * bandwidth / roofline.bytes_per_step,
                     roofline,
                     bandwidth_gb_s: bandwidth / 1e9,
@@ -455,6 +458,10 @@ fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Resu
 struct Summary {
     mean_ttft_s: f64,
     decode_tok_s: f64,
+    /// The decode steps' durations while every request decodes (the gaps between a request's
+    /// tokens): 10th and 50th percentile. The rate is the mean; these say whether some steps
+    /// ran much faster than the rest (a machine whose speed drifts while it runs).
+    step_s: Option<(f64, f64)>,
 }
 
 /// Decode throughput of a batch: tokens generated after the last request got its first token,
@@ -486,9 +493,23 @@ fn summarize(times: &[Vec<f64>]) -> Option<Summary> {
     if tokens == 0 || end <= start {
         return None;
     }
+    // Steps between the last first token and the first last one: all N requests in the batch.
+    let all_end = times
+        .iter()
+        .filter_map(|t| t.last().copied())
+        .fold(f64::MAX, f64::min);
+    let mut steps: Vec<f64> = times
+        .iter()
+        .flat_map(|t| t.windows(2))
+        .filter(|w| w[0] > start + tolerance && w[1] <= all_end + tolerance)
+        .map(|w| w[1] - w[0])
+        .collect();
+    steps.sort_by(f64::total_cmp);
+    let at = |f: f64| steps[((steps.len() - 1) as f64 * f) as usize];
     Some(Summary {
         mean_ttft_s,
         decode_tok_s: tokens as f64 / (end - start),
+        step_s: (!steps.is_empty()).then(|| (at(0.1), at(0.5))),
     })
 }
 
@@ -732,6 +753,16 @@ fn print_row(r: &Row) {
         let rounds: Vec<String> = r.rounds_tok_s.iter().map(|v| format!("{v:.1}")).collect();
         println!("{:>11} decode tok/s by round: {}", "", rounds.join(" / "));
     }
+    if let Some((p10, p50)) = r.step_s {
+        println!(
+            "{:>11} decode steps: p10 {:.1} ms, p50 {:.1} ms ({:.1} / {:.1} tok/s at those)",
+            "",
+            p10 * 1e3,
+            p50 * 1e3,
+            r.concurrency as f64 / p10,
+            r.concurrency as f64 / p50
+        );
+    }
 }
 
 fn json_line(name: &str, r: &Row, load_peak: Option<f64>) -> serde_json::Value {
@@ -757,6 +788,8 @@ fn json_line(name: &str, r: &Row, load_peak: Option<f64>) -> serde_json::Value {
         "experts_per_layer_step": r.roofline.experts_per_layer,
         "load_peak_rss_mb": load_peak,
         "decode_tok_s_rounds": r.rounds_tok_s,
+        "decode_step_ms_p10": r.step_s.map(|s| s.0 * 1e3),
+        "decode_step_ms_p50": r.step_s.map(|s| s.1 * 1e3),
     })
 }
 
@@ -785,6 +818,7 @@ mod tests {
             bandwidth_gb_s: bandwidth,
             peak_rss_mb: None,
             rounds_tok_s: Vec::new(),
+            step_s: None,
         };
         let median = median_round(vec![row(40.0, 1.0), row(60.0, 2.0), row(45.0, 3.0)]).unwrap();
         // The median round's own bandwidth comes with it; all rates in their order.
@@ -833,6 +867,13 @@ mod tests {
         assert!((s.mean_ttft_s - 0.015).abs() < 1e-12);
         // After 0.020: tokens at 0.030, 0.040 (first) and 0.030, 0.040, 0.050 (second).
         assert!((s.decode_tok_s - 5.0 / 0.030).abs() < 1e-6, "{s:?}");
+        // Steps while both decode (after 0.020, up to 0.040): each request's 0.030 -> 0.040;
+        // the second's last gap ends after the first request has.
+        let (p10, p50) = s.step_s.unwrap();
+        assert!(
+            (p10 - 0.010).abs() < 1e-9 && (p50 - 0.010).abs() < 1e-9,
+            "{s:?}"
+        );
         assert!(summarize(&[vec![0.01]]).is_none());
     }
 
