@@ -243,7 +243,8 @@ fn overlap() -> candle_core::Result<()> {
             println!("{dtype:?}: no packed kernel on this CPU");
             continue;
         }
-        for threads in [1, all].into_iter().take(if all > 1 { 2 } else { 1 }) {
+        let sizes: &[usize] = if all > 1 { &[1, all] } else { &[1] };
+        for &threads in sizes {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()

@@ -475,10 +475,8 @@ fn summarize(times: &[Vec<f64>]) -> Option<Summary> {
     }
     let mean_ttft_s = firsts.iter().sum::<f64>() / firsts.len() as f64;
     let start = firsts.iter().copied().fold(f64::MIN, f64::max);
-    let end = times
-        .iter()
-        .filter_map(|t| t.last().copied())
-        .fold(f64::MIN, f64::max);
+    let lasts: Vec<f64> = times.iter().filter_map(|t| t.last().copied()).collect();
+    let end = lasts.iter().copied().fold(f64::MIN, f64::max);
     let mut gaps: Vec<f64> = times
         .iter()
         .flat_map(|t| t.windows(2).map(|w| w[1] - w[0]))
@@ -494,10 +492,7 @@ fn summarize(times: &[Vec<f64>]) -> Option<Summary> {
         return None;
     }
     // Steps between the last first token and the first last one: all N requests in the batch.
-    let all_end = times
-        .iter()
-        .filter_map(|t| t.last().copied())
-        .fold(f64::MAX, f64::min);
+    let all_end = lasts.iter().copied().fold(f64::MAX, f64::min);
     let mut steps: Vec<f64> = times
         .iter()
         .flat_map(|t| t.windows(2))
