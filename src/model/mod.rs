@@ -235,10 +235,10 @@ impl MoeModel {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&xs)?.to_dtype(dtype)?;
             let h = layer.attn.forward(&h, i, &prepared, &self.rope, cache)?;
-            xs = (xs + h.to_dtype(DType::F32)?)?;
+            xs = layers::add_residual(&xs, &h)?;
             let h = layer.ffn_norm.forward(&xs)?.to_dtype(dtype)?;
             let h = layer.moe.forward(&h)?;
-            xs = (xs + h.to_dtype(DType::F32)?)?;
+            xs = layers::add_residual(&xs, &h)?;
         }
         if prepared.num_logits_rows == 0 {
             return Ok(Tensor::zeros(

@@ -1,7 +1,7 @@
 //! The sparse MoE block: a router that picks the top-k experts per token, and experts that run
 //! only on the tokens routed to them.
 
-use super::layers::{softmax_f32, swiglu, Linear};
+use super::layers::{swiglu, Linear};
 #[cfg(target_arch = "x86_64")]
 use super::quant_kernel::Packed;
 use crate::config::{Activation, RouterNorm};
@@ -71,6 +71,24 @@ impl Expert {
 pub struct Routing {
     pub experts: Vec<Vec<usize>>,
     pub weights: Vec<Vec<f32>>,
+}
+
+/// Each row of `width` router logits turned into probabilities, in place, in f32 as
+/// transformers does: a plain loop (on the host, where routing runs anyway), not a tensor op
+/// forked over the pool for 8 values a row.
+pub fn softmax_rows(mut logits: Vec<f32>, width: usize) -> Vec<f32> {
+    for row in logits.chunks_mut(width.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in row.iter_mut() {
+            *v /= sum;
+        }
+    }
+    logits
 }
 
 /// Softmax over all experts (in f32, as transformers does), keep the top k, normalise.
@@ -149,8 +167,8 @@ impl MoeBlock {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (n, hidden) = xs.dims2()?;
         let num_experts = self.experts.len();
-        let probs = softmax_f32(&self.router.forward(xs)?)?;
-        let probs: Vec<f32> = probs.flatten_all()?.to_vec1()?;
+        let logits = self.router.forward(xs)?.to_dtype(DType::F32)?;
+        let probs = softmax_rows(logits.flatten_all()?.to_vec1()?, num_experts);
         let routing = route(&probs, num_experts, self.top_k, self.norm);
 
         // Group the batch's tokens by expert so each active expert runs one matrix product.
@@ -319,6 +337,29 @@ mod tests {
                 assert_eq!(a, b, "{dtype:?} {act:?}");
             }
             assert!(a.iter().any(|v| *v != 0.0));
+        }
+        Ok(())
+    }
+
+    /// The router's softmax gives candle's `softmax_last_dim` bit for bit at the experts'
+    /// widths (8 and 16 here), and rows that sum to one.
+    #[test]
+    fn router_softmax_matches_candles() -> Result<()> {
+        use crate::model::test_data::data;
+        for width in [4, 8, 16] {
+            let logits: Vec<f32> = data(5 * width, width as u32)
+                .iter()
+                .map(|x| x * 6.0)
+                .collect();
+            let t = Tensor::from_vec(logits.clone(), (5, width), &candle_core::Device::Cpu)?;
+            let want: Vec<f32> = candle_nn::ops::softmax_last_dim(&t)?
+                .flatten_all()?
+                .to_vec1()?;
+            let got = softmax_rows(logits, width);
+            assert_eq!(got, want, "width {width}");
+            for row in got.chunks(width) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            }
         }
         Ok(())
     }
