@@ -342,7 +342,7 @@ mod tests {
     }
 
     /// The router's softmax gives candle's `softmax_last_dim` bit for bit at the experts'
-    /// widths (8 and 16 here), and rows that sum to one.
+    /// widths (4, 8 and 16 here), and rows that sum to one.
     #[test]
     fn router_softmax_matches_candles() -> Result<()> {
         use crate::model::test_data::data;
