@@ -7,6 +7,10 @@
 //! `cargo bench --bench matmul -- moe` times whole MoE layers, one token against sixteen.
 //! `cargo bench --bench matmul -- hot` times the packed kernels on one thread with the weight
 //! in L2, so arithmetic alone: ns per 16 x 256 block of weights and activation row.
+//! `cargo bench --bench matmul -- dense` times the LM head's and the QKV's packed products at
+//! 1 to 16 rows on the pool (GB/s and multiply-adds a second per core).
+//! `cargo bench --bench matmul -- attention` times the decode attention of 16 sequences over
+//! `CTX` (default 1000) slots of a scattered f16 cache, 8 layers.
 //! `cargo bench --bench matmul -- overlap` times one expert-sized packed product of 4 rows,
 //! call by call, on one weight that stays in the L3 and on 40 copies streamed from memory,
 //! on one thread and on the pool: whether the reads hide behind the arithmetic, and how the
@@ -100,6 +104,18 @@ fn main() -> candle_core::Result<()> {
             .build()
             .map_err(candle_core::Error::wrap)?;
         pool.install(hot_kernels)?;
+    }
+    if only.iter().any(|o| o == "dense") {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .build()
+            .map_err(candle_core::Error::wrap)?;
+        pool.install(dense)?;
+    }
+    if only.iter().any(|o| o == "attention") {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .build()
+            .map_err(candle_core::Error::wrap)?;
+        pool.install(attention)?;
     }
     if only.iter().any(|o| o == "overlap") {
         overlap()?;
@@ -444,6 +460,120 @@ fn moe_layers() -> candle_core::Result<()> {
                 many / one
             );
         }
+    }
+    Ok(())
+}
+
+/// Dense products at decode shapes on the pool, as a 16-sequence step runs them: the LM head
+/// (`[32000, 1024]`) and the fused QKV (`[1536, 1024]`) for 1 to 16 activation rows, call by
+/// call, with the weight bytes a second and the integer multiply-adds a second per core at
+/// the 10th percentile. One weight is called over and over, so it sits partly in the L3 (the
+/// 1-row GB/s are above memory's). At 8-16 rows they are bound by their arithmetic.
+fn dense() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let threads = rayon::current_num_threads() as f64;
+    println!(
+        "{:>6} {:>6} {:>6} {:>3} {:>9} {:>9} {:>9} {:>16}",
+        "format", "n", "k", "m", "p10 us", "p50 us", "GB/s", "GMAC/s per core"
+    );
+    for (n, k) in [(32000usize, 1024usize), (1536, 1024)] {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let q = QTensor::quantize(&Tensor::randn(0f32, 0.02, (n, k), &dev)?, dtype)?;
+            let Some(packed) = Packed::new(&q)? else {
+                println!("{dtype:?}: no packed kernel on this CPU");
+                continue;
+            };
+            for m in [1usize, 4, 8, 16] {
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let t = call_times(1.0, || {
+                    std::hint::black_box(packed.matmul(&x, m));
+                });
+                let (p10, p50) = (t[t.len() / 10], t[t.len() / 2]);
+                println!(
+                    "{:>6} {n:>6} {k:>6} {m:>3} {p10:>9.1} {p50:>9.1} {:>9.1} {:>16.1}",
+                    format!("{dtype:?}"),
+                    q.storage_size_in_bytes() as f64 / p10 / 1e3,
+                    (m * n * k) as f64 / p10 / 1e3 / threads,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The decode attention of a 16-sequence step over a long context, on the pool: the synthetic
+/// Mixtral's heads (16 of 64 over 4 KV heads), an f16 cache of 16-slot blocks scattered by a
+/// fixed permutation, 8 layers of their own (so the cache streams from memory, as in a step).
+/// `CTX` slots per sequence (1000 by default). Per step's 8 layers: time and cache bytes a
+/// second at the 10th and 50th percentile.
+fn attention() -> candle_core::Result<()> {
+    use mixserve::model::decode_attention::{attend, Heads, Query};
+    let dev = Device::Cpu;
+    let ctx: usize = match std::env::var("CTX") {
+        Ok(v) => v.parse().map_err(candle_core::Error::wrap)?,
+        Err(_) => 1000,
+    };
+    let (seqs, layers, hd, num_heads, num_kv_heads, block) = (16usize, 8, 64, 16, 4, 16);
+    let kv_dim = num_kv_heads * hd;
+    let per_seq = ctx.div_ceil(block);
+    let blocks = seqs * per_seq;
+    // A fixed shuffle of the blocks (an LCG), as a block table hands them out over time.
+    let mut order: Vec<u32> = (0..blocks as u32).collect();
+    let mut state = 12345u64;
+    for i in (1..order.len()).rev() {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        order.swap(i, (state >> 33) as usize % (i + 1));
+    }
+    let slots: Vec<Vec<u32>> = (0..seqs)
+        .map(|q| {
+            (0..ctx)
+                .map(|i| order[q * per_seq + i / block] * block as u32 + (i % block) as u32)
+                .collect()
+        })
+        .collect();
+    let cache = || Tensor::randn(0f32, 1.0, (blocks * block, kv_dim), &dev)?.to_dtype(DType::F16);
+    let caches: Vec<(Tensor, Tensor)> = (0..layers)
+        .map(|_| Ok((cache()?, cache()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let q: Vec<f32> = Tensor::randn(0f32, 1.0, (seqs, num_heads * hd), &dev)?
+        .flatten_all()?
+        .to_vec1()?;
+    let heads = Heads {
+        num_heads,
+        num_kv_heads,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let queries: Vec<Query> = slots
+        .iter()
+        .enumerate()
+        .map(|(row, slots)| Query { row, slots })
+        .collect();
+    let bytes = (layers * 2 * seqs * ctx * kv_dim * 2) as f64;
+    for _ in 0..3 {
+        let mut failed = None;
+        let t = call_times(2.0, || {
+            for (k, v) in &caches {
+                if let Err(e) = attend(&q, k, v, &queries, heads) {
+                    failed = Some(e);
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (p10, p50) = (t[t.len() / 10], t[t.len() / 2]);
+        println!(
+            "decode attention, 16 sequences x {ctx} slots, 8 layers: p10 {:.3} ms, p50 {:.3} ms ({:.1} / {:.1} GB/s)",
+            p10 / 1e3,
+            p50 / 1e3,
+            bytes / p10 / 1e3,
+            bytes / p50 / 1e3
+        );
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 mod attention;
 mod batch;
 mod dbrx;
-mod decode_attention;
+pub mod decode_attention;
 mod kv_cache;
 mod layers;
 mod mixtral;
