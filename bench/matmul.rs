@@ -41,6 +41,17 @@ fn time(
     Ok(best)
 }
 
+/// Where a mode runs: a pool of every core, a pool of one thread (arithmetic alone), or the
+/// pools it builds itself.
+enum Pool {
+    All,
+    One,
+    Own,
+}
+
+/// A named part of a decode step, timed on its own.
+type Mode = fn() -> candle_core::Result<()>;
+
 fn main() -> candle_core::Result<()> {
     mixserve::init_cpu_threads();
     // `cargo bench --bench matmul -- q8_0 bf16`: only the named formats (all by default).
@@ -90,41 +101,33 @@ fn main() -> candle_core::Result<()> {
             }
         }
     }
-    if only.iter().any(|o| o == "experts") {
-        // Inside a pool, as the engine's loop runs: a caller outside it sleeps through every
-        // product while the pool's threads do the work.
-        let pool = rayon::ThreadPoolBuilder::new()
+    // Inside a pool, as the engine's loop runs: a caller outside it sleeps through every
+    // product while the pool's threads do the work.
+    let modes: [(&str, Mode, Pool); 6] = [
+        ("experts", stream_experts, Pool::All),
+        ("hot", hot_kernels, Pool::One),
+        ("dense", dense, Pool::All),
+        ("attention", attention, Pool::All),
+        ("overlap", overlap, Pool::Own),
+        ("moe", moe_layers, Pool::All),
+    ];
+    for (name, mode, pool) in modes {
+        if !only.iter().any(|o| o == name) {
+            continue;
+        }
+        let threads = match pool {
+            Pool::Own => {
+                mode()?;
+                continue;
+            }
+            Pool::One => 1,
+            Pool::All => 0,
+        };
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
             .build()
-            .map_err(candle_core::Error::wrap)?;
-        pool.install(stream_experts)?;
-    }
-    if only.iter().any(|o| o == "hot") {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .map_err(candle_core::Error::wrap)?;
-        pool.install(hot_kernels)?;
-    }
-    if only.iter().any(|o| o == "dense") {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .build()
-            .map_err(candle_core::Error::wrap)?;
-        pool.install(dense)?;
-    }
-    if only.iter().any(|o| o == "attention") {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .build()
-            .map_err(candle_core::Error::wrap)?;
-        pool.install(attention)?;
-    }
-    if only.iter().any(|o| o == "overlap") {
-        overlap()?;
-    }
-    if only.iter().any(|o| o == "moe") {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .build()
-            .map_err(candle_core::Error::wrap)?;
-        pool.install(moe_layers)?;
+            .map_err(candle_core::Error::wrap)?
+            .install(mode)?;
     }
     // Quantized weights: candle's kernel (activations rounded to 8 bits) against ours.
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
