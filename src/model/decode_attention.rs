@@ -7,6 +7,7 @@
 //! heads, the softmax and the weighted sum of values in f32, and the pairs run on the rayon
 //! pool. Each query's result depends only on its own sequence, so batching cannot change it.
 
+use super::layers::exp_shifted;
 use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -313,16 +314,6 @@ impl Slot {
             }
         }
     }
-}
-
-/// `s = e^(s - max)` over `xs`, returning their sum (libm's `expf`).
-fn exp_shifted(xs: &mut [f32], max: f32) -> f32 {
-    let mut sum = 0f32;
-    for s in xs.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    sum
 }
 
 /// [`exp_shifted`] 8 lanes at a time (`simd_exp.rs`): libm's `expf`, one value per call,

@@ -201,6 +201,17 @@ pub fn swiglu(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
     g * up
 }
 
+/// `s = e^(s - max)` over `xs`, returning their sum (libm's `expf`): the scalar softmax's
+/// exponentials, for the router and the decode attention.
+pub(super) fn exp_shifted(xs: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for s in xs.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    sum
+}
+
 /// Row-wise softmax in f32, whatever the input dtype.
 pub fn softmax_f32(xs: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?)

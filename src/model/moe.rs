@@ -1,7 +1,7 @@
 //! The sparse MoE block: a router that picks the top-k experts per token, and experts that run
 //! only on the tokens routed to them.
 
-use super::layers::{swiglu, Linear};
+use super::layers::{exp_shifted, swiglu, Linear};
 #[cfg(target_arch = "x86_64")]
 use super::quant_kernel::Packed;
 use crate::config::{Activation, RouterNorm};
@@ -79,11 +79,7 @@ pub struct Routing {
 pub fn softmax_rows(mut logits: Vec<f32>, width: usize) -> Vec<f32> {
     for row in logits.chunks_mut(width.max(1)) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
+        let sum = exp_shifted(row, max);
         for v in row.iter_mut() {
             *v /= sum;
         }
