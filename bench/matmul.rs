@@ -231,6 +231,11 @@ fn call_times(secs: f64, mut f: impl FnMut()) -> Vec<f64> {
     times
 }
 
+/// The `f` quantile (0 to 1) of [`call_times`]' sorted times.
+fn quantile(times: &[f64], f: f64) -> f64 {
+    times[((times.len() - 1) as f64 * f) as usize]
+}
+
 /// A `[3584, 1024]` packed product of 4 rows (an expert's gate at 16 sequences), for each
 /// format: one weight over and over (it stays in the L3) against 40 copies in turn (streamed
 /// from memory), on one thread and on all of them. Per call: min, 10th, 50th and 90th
@@ -277,7 +282,7 @@ fn overlap() -> candle_core::Result<()> {
                         std::hint::black_box(w.matmul(&x, m));
                     })
                 });
-                let at = |f: f64| times[((times.len() - 1) as f64 * f) as usize];
+                let at = |f: f64| quantile(&times, f);
                 println!(
                     "{:>6} {threads:>7} {:>9} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>11.1}",
                     format!("{dtype:?}"),
@@ -493,7 +498,7 @@ fn dense() -> candle_core::Result<()> {
                 let t = call_times(1.0, || {
                     std::hint::black_box(packed.matmul(&x, m));
                 });
-                let (p10, p50) = (t[t.len() / 10], t[t.len() / 2]);
+                let (p10, p50) = (quantile(&t, 0.1), quantile(&t, 0.5));
                 println!(
                     "{:>6} {n:>6} {k:>6} {m:>3} {p10:>9.1} {p50:>9.1} {:>9.1} {:>16.1}",
                     format!("{dtype:?}"),
@@ -556,7 +561,7 @@ fn attention() -> candle_core::Result<()> {
         .enumerate()
         .map(|(row, slots)| Query { row, slots })
         .collect();
-    let bytes = (layers * 2 * seqs * ctx * kv_dim * 2) as f64;
+    let bytes = (layers * 2 * seqs * ctx * kv_dim * DType::F16.size_in_bytes()) as f64;
     for _ in 0..3 {
         let mut failed = None;
         let t = call_times(2.0, || {
@@ -569,7 +574,7 @@ fn attention() -> candle_core::Result<()> {
         if let Some(e) = failed {
             return Err(e);
         }
-        let (p10, p50) = (t[t.len() / 10], t[t.len() / 2]);
+        let (p10, p50) = (quantile(&t, 0.1), quantile(&t, 0.5));
         println!(
             "decode attention, 16 sequences x {ctx} slots, 8 layers: p10 {:.3} ms, p50 {:.3} ms ({:.1} / {:.1} GB/s)",
             p10 / 1e3,
