@@ -61,6 +61,44 @@ struct Shard {
     mmap: Mmap,
 }
 
+impl Shard {
+    /// Unmaps the whole pages inside `[begin, end)` from this process once their bytes were
+    /// copied out. Otherwise every page read stays in the RSS until the load ends, and loading a
+    /// bf16 checkpoint with `--quant q4k` peaked at the file's size plus the quantized model
+    /// (2.2 GB for a 1.6 GB file, against 0.7 GB) although the weights were copied only once.
+    /// The file's pages stay in the page cache; a later read of the same bytes (a tied
+    /// embedding) faults them back in unchanged, since the mapping is read-only and shared.
+    fn release(&self, begin: usize, end: usize) {
+        #[cfg(unix)]
+        {
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+                .ok()
+                .filter(|p| p.is_power_of_two())
+                .unwrap_or(4096);
+            // The mapping starts on a page, so offsets rounded inward are whole pages.
+            let (first, last) = (begin.next_multiple_of(page), end / page * page);
+            if last > first {
+                // SAFETY: the range lies inside the mapping, and nothing borrows it any more
+                // (its bytes were copied into a tensor). MADV_DONTNEED on a read-only shared
+                // file mapping only drops page-table entries: the data read later is the same.
+                let dropped = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    )
+                };
+                if let Err(e) = dropped {
+                    tracing::debug!("madvise(DONTNEED) on {}: {e}", self.path.display());
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (begin, end);
+    }
+}
+
 /// Where the bytes come from.
 enum Store {
     /// Memory-mapped safetensors files.
@@ -293,6 +331,7 @@ impl WeightSource {
             .and_then(|t| t.to_device(&self.device))
             .map_err(candle_err)?;
         self.progress.inc(bytes.len() as u64);
+        shard.release(begin, end);
         Ok(t)
     }
 
@@ -404,6 +443,56 @@ mod tests {
             assert!(err.to_string().contains("tensor a "), "{err}");
             let err = w.get_rows("a", &[4, 3], 3, 2).unwrap_err();
             assert!(matches!(err, WeightError::Shape { .. }));
+        }
+    }
+
+    /// Resident kB of the mapping that starts at `addr`, from /proc/self/smaps.
+    #[cfg(target_os = "linux")]
+    fn mapping_rss_kb(addr: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start)).skip(1);
+        let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
+        rss.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Once a tensor is copied out, its pages leave the process's mapping (a load's RSS stays
+    /// near the model's own size), and reading it again gives the same values.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn loaded_tensors_leave_the_resident_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let big = |seed: f32| {
+            Tensor::arange(0f32, 262_144., &Device::Cpu)
+                .and_then(|t| t.affine(1.0, seed as f64))
+                .unwrap()
+        };
+        let tensors = HashMap::from([
+            ("x".to_string(), big(0.5)),
+            ("y".to_string(), big(-3.0)),
+            ("z".to_string(), big(7.0)),
+        ]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let w = WeightSource::open(&[path], &Device::Cpu, DType::F32).unwrap();
+        let Store::Mapped { shards, .. } = &w.store else {
+            panic!("a file source is mapped")
+        };
+        let addr = shards[0].mmap.as_ptr() as usize;
+        let loaded: Vec<Vec<f32>> = ["x", "y", "z"]
+            .iter()
+            .map(|n| w.get(n, &[262_144]).unwrap().to_vec1().unwrap())
+            .collect();
+        // 3 MiB were read; what stays is the header's page and the pages tensors share.
+        let rss = mapping_rss_kb(addr);
+        assert!(rss < 512, "{rss} kB of the 3 MiB mapping still resident");
+        for (n, want) in ["x", "y", "z"].iter().zip(&loaded) {
+            assert_eq!(
+                &w.get(n, &[262_144]).unwrap().to_vec1::<f32>().unwrap(),
+                want
+            );
+            let t = &tensors[*n];
+            assert_eq!(&t.to_vec1::<f32>().unwrap(), want);
         }
     }
 
