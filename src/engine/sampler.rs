@@ -225,7 +225,7 @@ impl Sampler {
 /// cannot vectorise the compare-and-select), the same result either way.
 pub fn argmax(logits: &[f32]) -> u32 {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
+    if crate::model::cpu::simd().avx2 {
         // SAFETY: the CPU has AVX2.
         return unsafe { argmax_avx2(logits) };
     }

@@ -3,6 +3,7 @@
 
 mod attention;
 mod batch;
+pub mod cpu;
 mod dbrx;
 pub mod decode_attention;
 mod kv_cache;

@@ -293,9 +293,7 @@ pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
+        crate::model::cpu::simd().avx2
     }
 
     /// Loads 32 weights (from index `p`, a multiple of 32) as four vectors of f32 lanes.

@@ -10,7 +10,7 @@ use crate::config::Activation;
 pub fn gate_rows(act: Activation, gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
     #[cfg(target_arch = "x86_64")]
-    if act == Activation::Silu && std::is_x86_feature_detected!("avx512f") {
+    if act == Activation::Silu && super::cpu::simd().avx512 {
         // SAFETY: the CPU has AVX-512 F; the lengths are checked above.
         unsafe { avx512::silu_mul(gate, up, out) };
         return;

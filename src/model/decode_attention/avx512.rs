@@ -18,11 +18,9 @@ use crate::model::simd_exp::exp16;
 use crate::model::small_matmul::prefetch_lines;
 use std::arch::x86_64::*;
 
-/// Whether this CPU runs [`kv_heads`]: AVX-512 F, BW and VL (masked 16-bit loads).
+/// Whether this CPU runs [`kv_heads`]: AVX-512 F, BW and VL (masked 16-bit loads), F16C.
 pub fn available() -> bool {
-    std::is_x86_feature_detected!("avx512f")
-        && std::is_x86_feature_detected!("avx512bw")
-        && std::is_x86_feature_detected!("avx512vl")
+    crate::model::cpu::simd().avx512
 }
 
 /// A cache element type read 16 at a time as f32.

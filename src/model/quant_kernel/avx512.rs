@@ -3,17 +3,9 @@
 
 use std::arch::x86_64::*;
 
-/// Read once: the kernels ask on every run of groups, and five detections a call showed in a
-/// decode profile (~0.3%).
+/// AVX-512 F and BW, and AVX2's level (read once: `model::cpu`).
 pub fn available() -> bool {
-    static HAS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    });
-    *HAS
+    crate::model::cpu::simd().avx512
 }
 
 /// [`super::Rows16`]'s rounding, a block of 32 per step: the same operations as the scalar

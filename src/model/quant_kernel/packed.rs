@@ -16,10 +16,7 @@ pub const LANES: usize = 16;
 
 /// Whether the CPU has what the VNNI kernels need: AVX-512 F and BW, and VNNI.
 pub fn vnni() -> bool {
-    static HAS: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        super::avx512::available() && std::is_x86_feature_detected!("avx512vnni")
-    });
-    *HAS
+    crate::model::cpu::simd().vnni
 }
 
 /// The passes an AVX2 kernel makes over a run for `rows` activation rows, at most `max` (what

@@ -11,10 +11,7 @@ use half::{bf16, f16};
 use std::arch::x86_64::*;
 
 pub fn available() -> bool {
-    std::is_x86_feature_detected!("avx512f")
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
+    crate::model::cpu::simd().avx512
 }
 
 /// Loads 16 weights from index `p` as f32 lanes.
