@@ -77,7 +77,7 @@ fn run_concurrent(engine: &Engine, ids: &[usize], tokens: usize) -> (usize, f64)
 }
 
 fn main() {
-    mixserve::init_cpu_threads();
+    mixserve::init_cpu_threads(None);
     let dir =
         std::env::var("MIXSERVE_BENCH_MODEL").unwrap_or_else(|_| "models/tiny-mixtral".into());
     let tokens: usize = std::env::var("MIXSERVE_BENCH_TOKENS")

@@ -53,7 +53,7 @@ enum Pool {
 type Mode = fn() -> candle_core::Result<()>;
 
 fn main() -> candle_core::Result<()> {
-    mixserve::init_cpu_threads();
+    mixserve::init_cpu_threads(None);
     // `cargo bench --bench matmul -- q8_0 bf16`: only the named formats (all by default).
     let only: Vec<String> = std::env::args()
         .skip(1)

@@ -8,6 +8,9 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for the model's work (default: RAYON_NUM_THREADS, else the physical cores)
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -21,8 +24,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    mixserve::init_cpu_threads();
     let args = Cli::parse();
+    let threads = mixserve::init_cpu_threads(args.threads.map(usize::from));
     // Logs go to stderr; `run` keeps quiet unless RUST_LOG asks, so stdout is just the answer.
     let default_level = match args.command {
         Command::Run(_) | Command::Bench(_) => "warn",
@@ -34,6 +37,7 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    tracing::info!(threads, "CPU threads");
     let result = match args.command {
         Command::Run(a) => cli::run::run(a),
         Command::Serve(a) => cli::serve::serve(a),

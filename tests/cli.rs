@@ -75,6 +75,25 @@ fn greedy_prompt_streams_the_reference_continuation() {
 
 /// `--kv-cache-dtype f16` halves the cache and keeps the reference's greedy continuation on
 /// the shipped model (its rounding moves no top-1 there); an unknown type is a clear error.
+/// `--threads` sizes the pools; one thread gives the same greedy continuation as the default
+/// (no kernel's arithmetic depends on how the work is split), and 0 is a clear error.
+#[test]
+fn thread_count_flag() {
+    let (prompt, expected) = reference_text("tiny-dbrx", 0);
+    for threads in ["1", "3"] {
+        let out = greedy_run("tiny-dbrx", &prompt, &["--threads", threads]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(
+            stdout(&out).trim_end_matches('\n').trim_start(),
+            expected.trim_start(),
+            "--threads {threads}"
+        );
+    }
+    let bad = greedy_run("tiny-dbrx", &prompt, &["--threads", "0"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--threads"), "{}", stderr(&bad));
+}
+
 #[test]
 fn half_precision_kv_cache_keeps_the_greedy_continuation() {
     let (prompt, expected) = reference_text("tiny-mixtral", 0);
