@@ -339,6 +339,11 @@ pub fn save(
     let weights = dir.join("model.safetensors");
     candle_core::safetensors::save(tensors, &weights)
         .with_context(|| format!("writing {}", weights.display()))?;
+    // safetensors writes through a private temporary file (mode 0600); give the weights the
+    // umask's mode, as config.json has, so another user's engine can read the checkpoint.
+    std::fs::metadata(&config)
+        .and_then(|m| std::fs::set_permissions(&weights, m.permissions()))
+        .with_context(|| format!("setting the mode of {}", weights.display()))?;
     for (file, required) in [
         ("tokenizer.json", true),
         ("tokenizer_config.json", false),
@@ -446,5 +451,16 @@ mod tests {
         assert!(files.tokenizer_config.is_some() && files.generation_config.is_some());
         let weights = WeightSource::open(&files.weights, &Device::Cpu, DType::F32).unwrap();
         MoeModel::load(&cfg2, &weights).unwrap();
+        // The weights are as readable as the rest of the checkpoint (not the 0600 of a
+        // temporary file).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |f: &str| {
+                let m = std::fs::metadata(dir.path().join(f)).unwrap();
+                m.permissions().mode() & 0o777
+            };
+            assert_eq!(mode("model.safetensors"), mode("config.json"));
+        }
     }
 }
