@@ -10,7 +10,7 @@
 //! `cargo bench --bench matmul -- dense` times the LM head's and the QKV's packed products at
 //! 1 to 16 rows on the pool (GB/s and multiply-adds a second per core).
 //! `cargo bench --bench matmul -- attention` times the decode attention of 16 sequences over
-//! `CTX` (default 1000) slots of a scattered f16 cache, 8 layers.
+//! `CTX` (default 1000) slots of a scattered f16 cache in blocks of `BLOCK` (16), 8 layers.
 //! `cargo bench --bench matmul -- overlap` times one expert-sized packed product of 4 rows,
 //! call by call, on one weight that stays in the L3 and on 40 copies streamed from memory,
 //! on one thread and on the pool: whether the reads hide behind the arithmetic, and how the
@@ -514,8 +514,9 @@ fn dense() -> candle_core::Result<()> {
 /// The decode attention of a 16-sequence step over a long context, on the pool: the synthetic
 /// Mixtral's heads (16 of 64 over 4 KV heads), an f16 cache of 16-slot blocks scattered by a
 /// fixed permutation, 8 layers of their own (so the cache streams from memory, as in a step).
-/// `CTX` slots per sequence (1000 by default). Per step's 8 layers: time and cache bytes a
-/// second at the 10th and 50th percentile.
+/// `CTX` slots per sequence (1000 by default), `BLOCK` slots per cache block (16, the
+/// engine's default `--block-size`). Per step's 8 layers: time and cache bytes a second at the
+/// 10th and 50th percentile.
 fn attention() -> candle_core::Result<()> {
     use mixserve::model::decode_attention::{attend, Heads, Query};
     let dev = Device::Cpu;
@@ -523,7 +524,11 @@ fn attention() -> candle_core::Result<()> {
         Ok(v) => v.parse().map_err(candle_core::Error::wrap)?,
         Err(_) => 1000,
     };
-    let (seqs, layers, hd, num_heads, num_kv_heads, block) = (16usize, 8, 64, 16, 4, 16);
+    let block: usize = match std::env::var("BLOCK") {
+        Ok(v) => v.parse().map_err(candle_core::Error::wrap)?,
+        Err(_) => 16,
+    };
+    let (seqs, layers, hd, num_heads, num_kv_heads) = (16usize, 8, 64, 16, 4);
     let kv_dim = num_kv_heads * hd;
     let per_seq = ctx.div_ceil(block);
     let blocks = seqs * per_seq;
