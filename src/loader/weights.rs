@@ -65,7 +65,7 @@ impl Shard {
     /// Unmaps the whole pages inside `[begin, end)` from this process once their bytes were
     /// copied out. Otherwise every page read stays in the RSS until the load ends, and loading a
     /// bf16 checkpoint with `--quant q4k` peaked at the file's size plus the quantized model
-    /// (2.2 GB for a 1.6 GB file, against 0.7 GB) although the weights were copied only once.
+    /// (2.2 GB for a 1.6 GB file, 0.62 GB with this) although the weights were copied only once.
     /// The file's pages stay in the page cache; a later read of the same bytes (a tied
     /// embedding) faults them back in unchanged, since the mapping is read-only and shared.
     fn release(&self, begin: usize, end: usize) {
