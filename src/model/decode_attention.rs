@@ -161,7 +161,7 @@ fn run<T: CacheElem>(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if super::small_matmul::has_simd() {
+        if crate::model::cpu::simd().avx2 {
             // SAFETY: the CPU has AVX2, FMA and F16C.
             return unsafe { kv_heads_avx2(qs, k, v, query.slots, kv_dim, run, h) };
         }
@@ -376,7 +376,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vectorised_softmax_exponentials_track_libm() {
-        if !super::super::small_matmul::has_simd() {
+        if !crate::model::cpu::simd().avx2 {
             return;
         }
         let mut xs: Vec<f32> = data(3000, 9).iter().map(|v| v * 44.0 - 44.0).collect();

@@ -239,7 +239,7 @@ impl Rows16 {
             unsafe { avx512::fill16(x, &mut rows.q, &mut rows.d) };
             return rows;
         }
-        if super::small_matmul::has_simd() {
+        if crate::model::cpu::simd().avx2 {
             // SAFETY: the CPU has AVX2 and FMA.
             unsafe { rows.fill_avx2(x) };
             return rows;
@@ -546,7 +546,7 @@ mod tests {
             unsafe { avx512::fill16(&x, &mut r.q, &mut r.d) };
             simd.push(("avx512", r));
         }
-        if super::super::small_matmul::has_simd() {
+        if crate::model::cpu::simd().avx2 {
             let mut r = empty();
             // SAFETY: the CPU has AVX2 and FMA (checked above).
             unsafe { r.fill_avx2(&x) };

@@ -112,26 +112,7 @@ pub type TileFn<W> = fn(&[&[f32]], &[&[W]], &mut [f32]);
 
 /// Whether the float kernels run 16 lanes wide (then f32 products beat gemm up to 32 rows).
 fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx512::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this CPU has the SIMD kernels (otherwise a portable, slower path runs).
-pub fn has_simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx2::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::cpu::simd().avx512
 }
 
 macro_rules! weight_elem {

@@ -16,7 +16,7 @@ pub fn gate_rows(act: Activation, gate: &[f32], up: &[f32], out: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if act == Activation::Silu && super::small_matmul::has_simd() {
+    if act == Activation::Silu && crate::model::cpu::simd().avx2 {
         // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
         unsafe { avx2::silu_mul(gate, up, out) };
         return;
@@ -135,7 +135,7 @@ mod tests {
         type Kernel = fn(&[f32], &[f32], &mut [f32]);
         let mut kernels: Vec<Kernel> = vec![|g, u, o| gate_rows(Activation::Silu, g, u, o)];
         #[cfg(target_arch = "x86_64")]
-        if crate::model::small_matmul::has_simd() {
+        if crate::model::cpu::simd().avx2 {
             // SAFETY: the CPU has AVX2 and FMA; the lengths are equal.
             kernels.push(|g, u, o| unsafe { avx2::silu_mul(g, u, o) });
         }

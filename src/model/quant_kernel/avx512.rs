@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-/// AVX-512 F and BW, and AVX2's level (read once: `model::cpu`).
+/// AVX-512 F, BW and VL, and AVX2's level (read once: `model::cpu`).
 pub fn available() -> bool {
     crate::model::cpu::simd().avx512
 }

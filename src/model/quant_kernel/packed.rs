@@ -112,7 +112,7 @@ impl<const R: usize> Avx2Sums<R> {
 
 /// Whether the CPU has what the AVX2 kernels (for CPUs without VNNI) need: AVX2, FMA, F16C.
 pub fn avx2() -> bool {
-    super::super::small_matmul::has_simd()
+    crate::model::cpu::simd().avx2
 }
 
 /// Prefetches the group one run on from `g` (a run is `run` groups: the same block of the

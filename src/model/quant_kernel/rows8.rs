@@ -65,7 +65,7 @@ impl<const B: usize> Activations for Rows8<B> {
         if super::avx512::available() {
             // SAFETY: the CPU has AVX-512 F and BW.
             unsafe { rows.fill_avx512(x) };
-        } else if super::super::small_matmul::has_simd() {
+        } else if crate::model::cpu::simd().avx2 {
             // SAFETY: the CPU has AVX2 and FMA.
             unsafe { rows.fill_avx2(x) };
         } else {
@@ -213,9 +213,9 @@ mod tests {
             unsafe { r.fill_avx512(&x) };
             simd.push(("avx512", r));
         }
-        if super::super::super::small_matmul::has_simd() {
+        if crate::model::cpu::simd().avx2 {
             let mut r = empty();
-            // SAFETY: `has_simd()` implies AVX2 and FMA.
+            // SAFETY: the AVX2 level implies AVX2 and FMA.
             unsafe { r.fill_avx2(&x) };
             simd.push(("avx2", r));
         }
