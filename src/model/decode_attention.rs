@@ -7,7 +7,7 @@
 //! heads, the softmax and the weighted sum of values in f32, and the pairs run on the rayon
 //! pool. Each query's result depends only on its own sequence, so batching cannot change it.
 
-use super::layers::exp_shifted;
+use super::layers::{exp_shifted, softmax_rows_with};
 use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -244,24 +244,16 @@ fn kv_heads<T: CacheElem>(
             at.score(row, qs, h.scale, &mut scores);
         }
     }
-    for head in scores.chunks_mut(n.max(1)) {
-        let max = head.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    softmax_rows_with(&mut scores, n, |head, max| {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `avx2` only from `kv_heads_avx2`, which the CPU's AVX2 and FMA gate.
-        let sum = if avx2 {
-            unsafe { softmax_avx2::exp_shifted(head, max) }
-        } else {
-            exp_shifted(head, max)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let sum = {
-            let _ = avx2;
-            exp_shifted(head, max)
-        };
-        for s in head.iter_mut() {
-            *s /= sum;
+        if avx2 {
+            // SAFETY: `avx2` only from `kv_heads_avx2`, which the CPU's AVX2 and FMA gate.
+            return unsafe { softmax_avx2::exp_shifted(head, max) };
         }
-    }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = avx2;
+        exp_shifted(head, max)
+    });
     let mut out = vec![0f32; heads * hd];
     for (si, &slot) in slots.iter().enumerate() {
         ahead(v, si);

@@ -212,6 +212,23 @@ pub(super) fn exp_shifted(xs: &mut [f32], max: f32) -> f32 {
     sum
 }
 
+/// Softmax of each `width`-wide row of `xs`, in place: the row's max, `exp` of the values
+/// shifted by it (returning their sum, as [`exp_shifted`] does), then one division a value,
+/// in candle's order of operations. The router's and the portable decode attention's.
+pub(super) fn softmax_rows_with(
+    xs: &mut [f32],
+    width: usize,
+    mut exp: impl FnMut(&mut [f32], f32) -> f32,
+) {
+    for row in xs.chunks_mut(width.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum = exp(row, max);
+        for v in row.iter_mut() {
+            *v /= sum;
+        }
+    }
+}
+
 /// Row-wise softmax in f32, whatever the input dtype.
 pub fn softmax_f32(xs: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?)

@@ -1,7 +1,7 @@
 //! The sparse MoE block: a router that picks the top-k experts per token, and experts that run
 //! only on the tokens routed to them.
 
-use super::layers::{exp_shifted, swiglu, Linear};
+use super::layers::{exp_shifted, softmax_rows_with, swiglu, Linear};
 #[cfg(target_arch = "x86_64")]
 use super::quant_kernel::Packed;
 use crate::config::{Activation, RouterNorm};
@@ -77,13 +77,7 @@ pub struct Routing {
 /// transformers does: a plain loop (on the host, where routing runs anyway), not a tensor op
 /// forked over the pool for 8 values a row.
 pub fn softmax_rows(mut logits: Vec<f32>, width: usize) -> Vec<f32> {
-    for row in logits.chunks_mut(width.max(1)) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum = exp_shifted(row, max);
-        for v in row.iter_mut() {
-            *v /= sum;
-        }
-    }
+    softmax_rows_with(&mut logits, width, exp_shifted);
     logits
 }
 
