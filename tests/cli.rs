@@ -55,20 +55,24 @@ fn greedy_run(name: &str, prompt: &str, extra: &[&str]) -> Output {
     mixserve(&args)
 }
 
+/// The run succeeded and printed the reference's greedy continuation. The reference decodes the
+/// new ids alone; streamed in the prompt's context, a first token like "▁collections" keeps its
+/// space, as OpenAI-style servers return it, so leading spaces are not compared.
+fn assert_continuation(out: &Output, expected: &str, what: &str) {
+    assert!(out.status.success(), "{what}: {}", stderr(out));
+    assert_eq!(
+        stdout(out).trim_end_matches('\n').trim_start(),
+        expected.trim_start(),
+        "{what}"
+    );
+}
+
 #[test]
 fn greedy_prompt_streams_the_reference_continuation() {
     for name in FAMILIES {
         let (prompt, expected) = reference_text(name, 0);
         let out = greedy_run(name, &prompt, &[]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        // The reference decodes the new ids alone; streamed in the prompt's context, a first
-        // token like "▁collections" keeps its space, as OpenAI-style servers return it.
-        let text = stdout(&out);
-        assert_eq!(
-            text.trim_end_matches('\n').trim_start(),
-            expected.trim_start(),
-            "{name}"
-        );
+        assert_continuation(&out, &expected, name);
         assert!(stderr(&out).contains("tok/s"), "{}", stderr(&out));
     }
 }
@@ -82,12 +86,7 @@ fn thread_count_flag() {
     let (prompt, expected) = reference_text("tiny-dbrx", 0);
     for threads in ["1", "3"] {
         let out = greedy_run("tiny-dbrx", &prompt, &["--threads", threads]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        assert_eq!(
-            stdout(&out).trim_end_matches('\n').trim_start(),
-            expected.trim_start(),
-            "--threads {threads}"
-        );
+        assert_continuation(&out, &expected, &format!("--threads {threads}"));
     }
     let bad = greedy_run("tiny-dbrx", &prompt, &["--threads", "0"]);
     assert!(!bad.status.success());
@@ -98,11 +97,7 @@ fn thread_count_flag() {
 fn half_precision_kv_cache_keeps_the_greedy_continuation() {
     let (prompt, expected) = reference_text("tiny-mixtral", 0);
     let out = greedy_run("tiny-mixtral", &prompt, &["--kv-cache-dtype", "f16"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        stdout(&out).trim_end_matches('\n').trim_start(),
-        expected.trim_start()
-    );
+    assert_continuation(&out, &expected, "--kv-cache-dtype f16");
     let bad = greedy_run("tiny-mixtral", &prompt, &["--kv-cache-dtype", "f8"]);
     assert!(!bad.status.success());
     assert!(
