@@ -511,6 +511,17 @@ fn dense() -> candle_core::Result<()> {
     Ok(())
 }
 
+/// The positive count in environment variable `name`, or `default` when it is unset.
+fn env_count(name: &str, default: usize) -> candle_core::Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => candle_core::bail!("{name} must be a positive count, not {v:?}"),
+        },
+        Err(_) => Ok(default),
+    }
+}
+
 /// The decode attention of a 16-sequence step over a long context, on the pool: the synthetic
 /// Mixtral's heads (16 of 64 over 4 KV heads), an f16 cache of 16-slot blocks scattered by a
 /// fixed permutation, 8 layers of their own (so the cache streams from memory, as in a step).
@@ -520,14 +531,7 @@ fn dense() -> candle_core::Result<()> {
 fn attention() -> candle_core::Result<()> {
     use mixserve::model::decode_attention::{attend, Heads, Query};
     let dev = Device::Cpu;
-    let ctx: usize = match std::env::var("CTX") {
-        Ok(v) => v.parse().map_err(candle_core::Error::wrap)?,
-        Err(_) => 1000,
-    };
-    let block: usize = match std::env::var("BLOCK") {
-        Ok(v) => v.parse().map_err(candle_core::Error::wrap)?,
-        Err(_) => 16,
-    };
+    let (ctx, block) = (env_count("CTX", 1000)?, env_count("BLOCK", 16)?);
     let (seqs, layers, hd, num_heads, num_kv_heads) = (16usize, 8, 64, 16, 4);
     let kv_dim = num_kv_heads * hd;
     let per_seq = ctx.div_ceil(block);
